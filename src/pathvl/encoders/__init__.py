@@ -1,0 +1,1 @@
+"""pathvl.encoders."""
