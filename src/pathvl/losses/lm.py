@@ -1,0 +1,146 @@
+"""Language-modelling objectives: masked LM (BERT) and prefix / causal LM (captioning, ITG, PLM)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pathvl.losses.contrastive import zero_loss
+
+__all__ = ["IGNORE_INDEX", "LMLoss", "MLMLoss", "mask_tokens"]
+
+IGNORE_INDEX = -100
+"""Label value skipped by :class:`MLMLoss` and :class:`LMLoss` (PyTorch / Hugging Face convention)."""
+
+
+def _token_ce(logits: Tensor, labels: Tensor, label_smoothing: float) -> Tensor:
+    """Mean cross-entropy over the labels that are not ``IGNORE_INDEX`` (0 with graph if none)."""
+    vocab = logits.shape[-1]
+    flat_logits = logits.reshape(-1, vocab)  # (B*L, V)
+    flat_labels = labels.reshape(-1).long()  # (B*L,)
+    keep = flat_labels != IGNORE_INDEX
+    if not bool(keep.any()):
+        return zero_loss(logits)
+    return F.cross_entropy(flat_logits[keep].float(), flat_labels[keep], label_smoothing=label_smoothing)
+
+
+class MLMLoss(nn.Module):
+    r"""Masked language modelling loss.
+
+    Devlin et al., "BERT", NAACL 2019; the MLM term of ALBEF/BLIP-style vision-language pre-training (and
+    of MR-PLIP's baseline objective). With :math:`\mathcal{M}` the masked positions of the whole batch,
+
+    .. math:: \mathcal{L}_{mlm} = -\frac{1}{|\mathcal{M}|}\sum_{(b,t)\in\mathcal{M}} \log p_{b,t}(y_{b,t}).
+
+    Positions whose label is -100 are ignored; labels are NOT shifted (the prediction at ``t`` is for
+    token ``t``). Build inputs and labels with :func:`mask_tokens`. Returns 0 (connected to the graph)
+    when nothing is masked.
+
+    Args:
+        label_smoothing: Passed to :func:`torch.nn.functional.cross_entropy`.
+
+    Inputs:
+        mlm_logits: ``(B, L, V)``.
+        mlm_labels: ``(B, L)`` long, original token ids at masked positions, -100 elsewhere.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(self, mlm_logits: Tensor, mlm_labels: Tensor, **_: object) -> Tensor:
+        if mlm_logits.shape[:-1] != mlm_labels.shape:
+            raise ValueError(
+                f"mlm_logits {tuple(mlm_logits.shape)} and mlm_labels {tuple(mlm_labels.shape)} disagree"
+            )
+        return _token_ce(mlm_logits, mlm_labels, self.label_smoothing)
+
+
+class LMLoss(nn.Module):
+    r"""Autoregressive (prefix / causal) language-modelling loss: captioning, BLIP-2 ITG, MR-PLIP PLM.
+
+    Li et al., "BLIP" (LM) and "BLIP-2" (image-grounded text generation), ICML 2022 / 2023; Wang et al.,
+    "SimVLM" (prefix LM), ICLR 2022. With the labels aligned to the INPUT tokens (Hugging Face convention:
+    ``lm_labels`` is ``input_ids`` with the prefix / prompt / padding set to -100), the loss shifts inside:
+    the logits at position ``t`` predict the label at ``t + 1``,
+
+    .. math:: \mathcal{L}_{lm} = -\frac{1}{|\mathcal{T}|}\sum_{(b,t)\in\mathcal{T}}
+        \log p_{b,t}(y_{b,t+1}),\qquad \mathcal{T}=\{(b,t): t<L-1,\ y_{b,t+1}\neq -100\}.
+
+    Pass ``shift=False`` when the labels are already aligned with the logits. Returns 0 (connected to
+    the graph) when no label is left.
+
+    Args:
+        label_smoothing: Passed to :func:`torch.nn.functional.cross_entropy` (BLIP uses 0.1).
+        shift: Shift logits and labels by one position inside the loss.
+
+    Inputs:
+        lm_logits: ``(B, L, V)``.
+        lm_labels: ``(B, L)`` long, -100 where ignored.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, shift: bool = True) -> None:
+        super().__init__()
+        self.label_smoothing = float(label_smoothing)
+        self.shift = shift
+
+    def forward(self, lm_logits: Tensor, lm_labels: Tensor, **_: object) -> Tensor:
+        if lm_logits.shape[:-1] != lm_labels.shape:
+            raise ValueError(
+                f"lm_logits {tuple(lm_logits.shape)} and lm_labels {tuple(lm_labels.shape)} disagree"
+            )
+        if self.shift:
+            lm_logits = lm_logits[:, :-1]  # (B, L-1, V): position t predicts token t+1
+            lm_labels = lm_labels[:, 1:]  # (B, L-1)
+        return _token_ce(lm_logits, lm_labels, self.label_smoothing)
+
+
+def mask_tokens(
+    input_ids: Tensor,
+    special_mask: Tensor,
+    vocab_size: int,
+    mask_token_id: int,
+    prob: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """BERT masking: picks tokens with probability ``prob`` and corrupts them 80 / 10 / 10.
+
+    Devlin et al., "BERT", NAACL 2019. Each non-special token is selected independently with probability
+    ``prob``; a selected token is replaced by ``mask_token_id`` with probability 0.8, by a token drawn
+    uniformly from ``[0, vocab_size)`` with probability 0.1, and kept with probability 0.1. Special
+    tokens (CLS, SEP, padding, ...) are never selected. The input is not modified.
+
+    Args:
+        input_ids: ``(B, L)`` long token ids.
+        special_mask: ``(B, L)`` bool, True where a token must not be masked (include padding).
+        vocab_size: Size of the vocabulary for the random replacements.
+        mask_token_id: Id of the ``[MASK]`` token.
+        prob: Selection probability.
+        generator: Optional random generator (on ``input_ids``' device).
+
+    Returns:
+        ``(masked_ids, labels)``: the corrupted ids, and labels holding the original id at selected
+        positions and -100 elsewhere (feed them to :class:`MLMLoss`).
+    """
+    if input_ids.shape != special_mask.shape:
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and special_mask {tuple(special_mask.shape)} disagree"
+        )
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"prob must be in [0, 1], got {prob}")
+    device = input_ids.device
+
+    def _rand(shape: torch.Size) -> Tensor:
+        return torch.rand(shape, generator=generator, device=device)
+
+    selected = (_rand(input_ids.shape) < prob) & ~special_mask.bool()
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    corrupt = _rand(input_ids.shape)
+    to_mask = selected & (corrupt < 0.8)
+    to_random = selected & (corrupt >= 0.8) & (corrupt < 0.9)
+    random_ids = torch.randint(0, vocab_size, input_ids.shape, generator=generator, device=device)
+    masked = input_ids.clone()
+    masked[to_mask] = mask_token_id
+    masked[to_random] = random_ids[to_random].to(masked.dtype)
+    return masked, labels
