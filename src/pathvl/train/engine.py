@@ -1,0 +1,741 @@
+"""The model-agnostic training loop behind ``pathvl pretrain``.
+
+A model family supplies three things (see :func:`pathvl.train.config.register_family`): a model whose
+``forward(batch)`` returns a dict of named tensors, an iterable of batches, and a dict of loss modules
+each called as ``loss(**outputs)``. One optimizer step here is (MAE's ``engine_pretrain.py`` and nanoGPT's
+``train.py`` are the models)::
+
+    lr = schedule(step)
+    for each of accum_steps micro-batches:            # DDP syncs gradients on the last one only
+        outputs = model(batch)                        # bf16 autocast on CUDA
+        total = sum(w[name] * loss[name](**outputs))  # every configured term, weighted
+        (total / accum_steps).backward()
+    check every term is finite (the same on all ranks)
+    clip the gradient norm; AdamW step; zero the gradients
+
+Only rank 0 writes files. Resuming restores weights, optimizer, schedule, loss parameters, the RNG of
+every rank and the data position, so a resumed run repeats an uninterrupted one exactly (bitwise on a
+CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from pathvl import __version__
+from pathvl.train.checkpoint import (
+    check_family,
+    get_rng_state,
+    latest_checkpoint,
+    load_into,
+    load_model_weights,
+    load_trainer_state,
+    read_meta,
+    save_checkpoint,
+    set_rng_state,
+)
+from pathvl.train.config import (
+    ConfigError,
+    OptimConfig,
+    TrainConfig,
+    config_hash,
+    config_to_dict,
+    get_family,
+    load_config,
+    save_config,
+)
+from pathvl.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, is_dist_initialized
+from pathvl.train.schedule import WarmupCosine
+
+__all__ = [
+    "NonFiniteLossError",
+    "RunResult",
+    "StepLoader",
+    "TrainModule",
+    "build_optimizer",
+    "forward_backward",
+    "pretrain",
+    "seed_everything",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+HISTORY_LEN = 10_000
+
+
+class NonFiniteLossError(RuntimeError):
+    """The total loss (or the gradient norm) of a step is NaN or infinite; nothing was saved after it.
+
+    Attributes:
+        step: The optimizer step that failed (1-based).
+        terms: Every logged value of that step (mean over ranks).
+        bad: Names of the non-finite values.
+    """
+
+    def __init__(self, message: str, step: int, terms: Mapping[str, float], bad: Sequence[str]) -> None:
+        super().__init__(message)
+        self.step = step
+        self.terms = dict(terms)
+        self.bad = list(bad)
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        run_dir: The run folder.
+        step: Optimizer steps completed.
+        checkpoint: The last checkpoint written (None on ranks other than 0).
+        history: One record per step run by this call (the values written to ``metrics.jsonl``; the last
+            ``HISTORY_LEN`` steps of a long run).
+    """
+
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------- data
+class StepLoader:
+    """Deterministic, resumable, rank-sharded batches over a map-style dataset.
+
+    Epoch ``e`` uses the permutation drawn from ``seed`` and ``e``; global batch ``i`` is the block
+    ``perm[i * B * W : (i + 1) * B * W]`` (``B`` the per-rank batch, ``W`` the world size) and rank ``r``
+    takes every ``W``-th index of it, so a run on ``W`` processes sees the same global batches as one
+    process with batch ``B * W``. The incomplete last global batch is dropped (gathered losses need the
+    same batch size on every rank). The position (epoch, batch) advances as batches are handed out, so
+    ``state_dict()`` saved between steps puts a resumed run exactly where it stopped.
+
+    For an exact resume with ``num_workers > 0``, a dataset's own randomness must come from the sample
+    index (and the epoch), not from a worker's running generator.
+
+    Args:
+        dataset: Map-style dataset returning samples the ``collate_fn`` combines into a dict.
+        batch_size: Per-rank batch size.
+        seed: Seed of the permutations.
+        shuffle: Shuffle each epoch; otherwise the dataset order.
+        rank: This process's rank.
+        world_size: Number of processes.
+        num_workers: DataLoader workers.
+        collate_fn: Batch collation (torch's default when None).
+        pin_memory: Pin host memory (for CUDA).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.collate_fn = collate_fn
+        self.pin_memory = pin_memory
+        self.num_samples = len(dataset)  # type: ignore[arg-type]
+        self.num_batches = self.num_samples // (batch_size * world_size)
+        if self.num_batches == 0:
+            raise ValueError(
+                f"the dataset has {self.num_samples} samples, fewer than one global batch "
+                f"({batch_size} x {world_size} processes)"
+            )
+        self.epoch = 0
+        self.batch = 0  # batches of the current epoch already handed out
+
+    @classmethod
+    def from_config(
+        cls, dataset: Dataset, cfg: TrainConfig, dist_info: DistInfo, collate_fn: Callable | None = None
+    ) -> StepLoader:
+        """A loader with the batch size, workers, shuffling and seed of ``cfg``."""
+        return cls(
+            dataset,
+            cfg.data.batch_size,
+            seed=cfg.run.seed,
+            shuffle=cfg.data.shuffle,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+            num_workers=cfg.data.num_workers,
+            collate_fn=collate_fn,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _epoch_seed(self, epoch: int) -> int:
+        return (self.seed * 1_000_003 + epoch) % (2**63)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of sample indices for ``epoch``."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self._epoch_seed(epoch))
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+        else:
+            order = list(range(self.num_samples))
+        usable = self.num_batches * self.batch_size * self.world_size
+        mine = order[:usable][self.rank :: self.world_size]  # (num_batches * batch_size,)
+        return [mine[i * self.batch_size : (i + 1) * self.batch_size] for i in range(self.num_batches)]
+
+    def __iter__(self) -> Iterator[Any]:
+        """Yields the rest of the current epoch (the next epoch when this one is used up)."""
+        if self.batch >= self.num_batches:
+            self.epoch, self.batch = self.epoch + 1, 0
+        batches = self.epoch_batches(self.epoch)[self.batch :]
+        # Own generator: creating the loader must not draw from the global RNG (exact resume).
+        g = torch.Generator().manual_seed(self._epoch_seed(self.epoch) * 7 + self.batch)
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            pin_memory=self.pin_memory,
+            generator=g,
+        )
+        for batch in loader:
+            self.batch += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """Position for the checkpoint."""
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Moves to a saved position (takes effect at the next ``iter``)."""
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+class _BatchStream:
+    """Endless batches from a family's data; restarts the iterable at each epoch end.
+
+    Data with ``state_dict`` / ``load_state_dict`` is positioned through them; any other iterable is
+    positioned by skipping the batches already consumed (exact when iterating it draws no global RNG).
+    """
+
+    def __init__(self, data: Iterable[Batch]) -> None:
+        self.data = data
+        self.stateful = callable(getattr(data, "state_dict", None)) and callable(
+            getattr(data, "load_state_dict", None)
+        )
+        self.consumed = 0
+        self._it: Iterator[Batch] | None = None
+
+    def next(self) -> Batch:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.data)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._it = None
+                continue
+            self.consumed += 1
+            return batch
+        raise RuntimeError("the training data yielded no batches")
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.stateful:
+            return {"consumed": self.consumed, "data": self.data.state_dict()}  # type: ignore[attr-defined]
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._it = None
+        if self.stateful:
+            self.data.load_state_dict(state["data"])  # type: ignore[attr-defined]
+            self.consumed = int(state["consumed"])
+            return
+        self.consumed = 0
+        for _ in range(int(state["consumed"])):
+            self.next()
+
+
+# ------------------------------------------------------------------------------------- model + losses
+class TrainModule(nn.Module):
+    """The model and its active losses in one module, so DDP averages the losses' parameters too.
+
+    Args:
+        model: ``forward(batch) -> dict[str, Tensor]``.
+        losses: Active loss modules by name; each is called as ``loss(**outputs)``.
+    """
+
+    def __init__(self, model: nn.Module, losses: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.model = model
+        self.losses = nn.ModuleDict(dict(losses))
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        """Returns every loss term (unweighted scalars) for one micro-batch."""
+        outputs = self.model(batch)
+        if not isinstance(outputs, Mapping):
+            raise TypeError(f"the model's forward must return a dict of named tensors, got {type(outputs)}")
+        terms = {}
+        for name, loss_fn in self.losses.items():
+            value = loss_fn(**outputs)
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                raise ValueError(f"loss {name!r} must return a scalar tensor, got {value!r:.80}")
+            terms[name] = value.reshape(())
+        return terms
+
+
+def build_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on biases, norms and scalars.
+
+    Parameters with fewer than two dimensions (biases, norm scales, temperatures, logit scales) and
+    names listed by any submodule's ``no_weight_decay()`` (timm's convention) are not decayed.
+    """
+    skip: set[str] = set()
+    for prefix, sub in module.named_modules():
+        names = getattr(sub, "no_weight_decay", None)
+        if callable(names):
+            skip |= {f"{prefix}.{n}" if prefix else n for n in names()}
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name in skip else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("the model and losses have no trainable parameter")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _autocast(device: torch.device, precision: str) -> Callable[[], AbstractContextManager]:
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+# ------------------------------------------------------------------------------------------------ step
+def forward_backward(
+    module: nn.Module,
+    batches: Sequence[Batch],
+    weights: Mapping[str, float],
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> dict[str, Tensor]:
+    """Accumulates the gradient of the weighted loss over micro-batches (no optimizer step).
+
+    The gradient equals that of one batch made of all the micro-batches when every loss is a mean over
+    its batch. Under DDP, gradients are synchronised on the last micro-batch only.
+
+    Args:
+        module: A :class:`TrainModule`, possibly wrapped in DDP.
+        batches: The ``accum_steps`` micro-batches of this step (this rank's).
+        weights: Weight of each active term.
+        device: Where the batches go.
+        autocast: Context factory for the forward (bf16 autocast or nothing).
+
+    Returns:
+        Mean over micro-batches of each term and of the weighted ``loss`` (detached scalars, this rank).
+    """
+    accum = len(batches)
+    means = {name: torch.zeros((), device=device) for name in (*weights, "loss")}
+    for i, batch in enumerate(batches):
+        batch = _to_device(batch, device)
+        sync = i == accum - 1 or not isinstance(module, DistributedDataParallel)
+        with nullcontext() if sync else module.no_sync():
+            with autocast():
+                terms = module(batch)  # {name: scalar}, unweighted
+                loss = sum(weights[name] * terms[name].float() for name in weights)
+            (loss / accum).backward()
+        for name in weights:
+            means[name] += terms[name].detach().float() / accum
+        means["loss"] += loss.detach() / accum
+    return means
+
+
+def train_step(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: WarmupCosine,
+    batches: Sequence[Batch],
+    weights: Mapping[str, float],
+    step: int,
+    cfg: TrainConfig,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+) -> dict[str, float]:
+    """One optimizer step; returns the logged values (means over ranks).
+
+    Raises:
+        NonFiniteLossError: A loss term or the gradient norm is not finite (before the optimizer step).
+    """
+    lr = schedule.set_step(step)
+    means = forward_backward(module, batches, weights, device, autocast)
+    # One small all-reduce: every rank logs, and stops on a NaN, together.
+    names = list(means)
+    values = all_reduce_mean(torch.stack([means[n] for n in names])).tolist()
+    record = {"loss": values[names.index("loss")]}
+    record.update({f"loss_{n}": v for n, v in zip(names, values) if n != "loss"})
+    bad = [key for key, value in record.items() if not math.isfinite(value)]
+    if bad:
+        raise NonFiniteLossError(f"non-finite loss at step {step}", step, record, bad)
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if not math.isfinite(grad_norm):
+        raise NonFiniteLossError(f"non-finite gradient norm at step {step}", step, record, ["grad_norm"])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    record.update(lr=lr, grad_norm=grad_norm)
+    return record
+
+
+# -------------------------------------------------------------------------------------------- helpers
+def _resolve_device(choice: str, dist_info: DistInfo) -> torch.device:
+    if choice == "cpu":
+        return torch.device("cpu")
+    device = dist_info.device
+    if choice == "cuda" and device.type != "cuda":
+        raise ConfigError("run.device: cuda requested but no GPU is available (use run.device=auto)")
+    return device
+
+
+def _prepare_run_dir(cfg: TrainConfig, resume: str | Path | None) -> tuple[Path, Path | None]:
+    """The run folder and the checkpoint to resume from (None: start at step 0)."""
+    if resume is not None:
+        run_dir = Path(resume)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"--resume {run_dir}: no such run folder")
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            log.warning("%s holds no checkpoint yet: starting from step 0", run_dir)
+        else:
+            check_family(read_meta(ckpt), cfg.family)  # before anything is built or written
+        return run_dir, ckpt
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if ckpt is not None:
+        raise ConfigError(
+            f"run.name: {run_dir} already holds a run (checkpoint {ckpt.name}); continue it with "
+            f"--resume {run_dir}, or choose another run.name"
+        )
+    return run_dir, None
+
+
+def _active_losses(cfg: TrainConfig, built: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    active = cfg.active_losses
+    missing = [name for name in active if name not in built]
+    if missing:
+        raise ConfigError(
+            f"losses.{missing[0]}: family {cfg.family!r} builds no loss named {missing[0]!r} "
+            f"(it builds: {', '.join(built) or 'none'})"
+        )
+    for name in active:
+        if not isinstance(built[name], nn.Module):
+            raise TypeError(f"loss {name!r} must be an nn.Module, got {type(built[name]).__name__}")
+    return {name: built[name] for name in active}
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (a list of one in a single process)."""
+    if not is_dist_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class _MetricsLog:
+    """``metrics.jsonl`` on rank 0: appends; on resume first drops lines after the resumed step."""
+
+    def __init__(self, path: Path, start_step: int) -> None:
+        self.path = path
+        kept = []
+        if path.is_file() and start_step > 0:
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", math.inf) <= start_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
+        self.fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+# ------------------------------------------------------------------------------------------------ train
+BuildFn = Callable[[TrainConfig, DistInfo], Any]
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: str | Path | None = None,
+    stop_at: int | None = None,
+    build_model: BuildFn | None = None,
+    build_data: BuildFn | None = None,
+    build_losses: BuildFn | None = None,
+) -> RunResult:
+    """Trains ``cfg.family`` for ``cfg.run.steps`` optimizer steps (DDP when ``WORLD_SIZE > 1``).
+
+    Args:
+        cfg: Validated config (:func:`pathvl.train.config.load_config`).
+        resume: Run folder to continue from its latest checkpoint (losses and weights then match an
+            uninterrupted run).
+        stop_at: Stop (with a checkpoint) after this step although the schedule is longer, e.g. to fit a
+            job's time limit; continue later with ``resume``.
+        build_model: Overrides the family's ``build_model(cfg, dist)``.
+        build_data: Overrides the family's ``build_data(cfg, dist)``.
+        build_losses: Overrides the family's ``build_losses(cfg, dist)``.
+
+    Returns:
+        The run folder, the step reached, the last checkpoint and the per-step records.
+
+    Raises:
+        NonFiniteLossError: A step produced a NaN/inf loss; checkpoints written before it are untouched.
+        ConfigError: The config does not fit the family or the run folder.
+    """
+    spec = get_family(cfg.family)
+    run_dir, ckpt = _prepare_run_dir(cfg, resume)
+    dist_info = init_distributed(cfg.run.backend or ("gloo" if cfg.run.device == "cpu" else None))
+    device = _resolve_device(cfg.run.device, dist_info)
+
+    # Build: the same initial weights on every rank.
+    seed_everything(cfg.run.seed)
+    model = (build_model or spec.build_model)(cfg, dist_info)
+    losses = _active_losses(cfg, (build_losses or spec.build_losses)(cfg, dist_info))
+    module = TrainModule(model, losses).to(device)
+    optimizer = build_optimizer(module, cfg.optim)
+    schedule = WarmupCosine(optimizer, cfg.optim.warmup_steps, cfg.run.steps, cfg.optim.min_lr_ratio)
+    stream = _BatchStream((build_data or spec.build_data)(cfg, dist_info))
+    weights = {name: float(cfg.losses[name]) for name in losses}
+
+    start_step, rng = 0, None
+    if ckpt is not None:
+        start_step, rng = _restore(ckpt, module, optimizer, schedule, stream, cfg, dist_info)
+        log.info("resumed %s at step %d", ckpt, start_step)
+    if dist_info.is_main:  # everything fits: record what this run is
+        save_config(cfg, run_dir / CONFIG_FILE)
+        log.info("run folder: %s (%s, %d process(es), %s)", run_dir, cfg.family, dist_info.world_size, device)
+
+    ddp_module: nn.Module = module
+    if dist_info.world_size > 1:
+        ddp_module = DistributedDataParallel(
+            module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.run.find_unused_parameters,
+        )
+    # Per-rank randomness (dropout, masking) from here on: restored, or seed + rank.
+    if rng is not None:
+        set_rng_state(rng)
+    else:
+        seed_everything(cfg.run.seed + dist_info.rank)
+
+    last_step = min(cfg.run.steps, stop_at) if stop_at is not None else cfg.run.steps
+    global_batch = cfg.data.batch_size * cfg.optim.accum_steps * dist_info.world_size
+    autocast = _autocast(device, cfg.run.precision)
+    metrics = _MetricsLog(run_dir / METRICS_FILE, start_step) if dist_info.is_main else None
+    bar = tqdm(total=last_step, initial=start_step, desc=cfg.run.name, dynamic_ncols=True,
+               disable=not (dist_info.is_main and cfg.run.progress))
+    history: deque[dict[str, float]] = deque(maxlen=HISTORY_LEN)
+    saved = ckpt
+    step = start_step
+    module.train()
+    try:
+        for step in range(start_step + 1, last_step + 1):
+            t0 = time.perf_counter()
+            batches = [stream.next() for _ in range(cfg.optim.accum_steps)]  # this rank's micro-batches
+            t_data = time.perf_counter() - t0
+            try:
+                record = train_step(ddp_module, optimizer, schedule, batches, weights, step, cfg, device, autocast)
+            except NonFiniteLossError as exc:
+                raise _explain(exc, saved) from None
+            dt = time.perf_counter() - t0
+            record = {"step": step, **record, "samples_per_s": global_batch / dt, "step_s": dt, "data_s": t_data}
+            if device.type == "cuda":
+                record["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            history.append(record)
+            if metrics is not None and (step % cfg.run.log_every == 0 or step == last_step):
+                metrics.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            bar.update(1)
+            if (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or step == last_step:
+                saved = _save(run_dir, step, module, optimizer, schedule, stream, cfg, dist_info) or saved
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+    barrier()
+    return RunResult(run_dir=run_dir, step=step, checkpoint=saved if dist_info.is_main else None,
+                     history=list(history))
+
+
+def _explain(exc: NonFiniteLossError, saved: Path | None) -> NonFiniteLossError:
+    values = ", ".join(f"{k}={exc.terms[k]:.4g}" for k in exc.terms)
+    which = ", ".join(n.removeprefix("loss_") if n != "loss" else "total" for n in exc.bad)
+    keep = (f"the last good checkpoint {saved} is untouched" if saved is not None
+            else "no checkpoint had been written yet")
+    message = f"{exc} (non-finite: {which}; {values}); training stopped and {keep}"
+    return NonFiniteLossError(message, exc.step, exc.terms, exc.bad)
+
+
+def _save(
+    run_dir: Path,
+    step: int,
+    module: TrainModule,
+    optimizer: torch.optim.Optimizer,
+    schedule: WarmupCosine,
+    stream: _BatchStream,
+    cfg: TrainConfig,
+    dist_info: DistInfo,
+) -> Path | None:
+    """Checkpoint at ``step``: every rank hands in its RNG and data position; rank 0 writes."""
+    ranks = _gather_objects({"rng": get_rng_state(), "data": stream.state_dict()})
+    if not dist_info.is_main:
+        return None
+    trainer_state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "losses": module.losses.state_dict(),
+        "loss_names": list(module.losses),
+        "world_size": dist_info.world_size,
+        "ranks": ranks,
+    }
+    meta = {
+        "family": cfg.family,
+        "config_hash": config_hash(cfg),
+        "pathvl_version": __version__,
+        "torch_version": torch.__version__,
+        "world_size": dist_info.world_size,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": config_to_dict(cfg),
+    }
+    return save_checkpoint(run_dir, step, module.model, trainer_state, meta,
+                           keep_last=cfg.run.keep_last, save_frozen=cfg.run.save_frozen)
+
+
+def _restore(
+    ckpt: Path,
+    module: TrainModule,
+    optimizer: torch.optim.Optimizer,
+    schedule: WarmupCosine,
+    stream: _BatchStream,
+    cfg: TrainConfig,
+    dist_info: DistInfo,
+) -> tuple[int, dict[str, Any]]:
+    """Loads a checkpoint into the freshly built objects; returns the step and this rank's RNG state."""
+    state, meta = load_model_weights(ckpt, family=cfg.family)
+    load_into(module.model, state, meta["omitted"])
+    trainer = load_trainer_state(ckpt)
+    if list(trainer["loss_names"]) != list(module.losses):
+        raise ConfigError(
+            f"losses: the checkpoint trained {trainer['loss_names']}, this config has {list(module.losses)}; "
+            "resume with the same active terms"
+        )
+    module.losses.load_state_dict(trainer["losses"])
+    base_lrs = [group["base_lr"] for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(trainer["optimizer"])
+    except ValueError as exc:
+        raise ConfigError(f"the checkpoint's optimizer does not fit this model: {exc}") from None
+    for group, base_lr in zip(optimizer.param_groups, base_lrs):
+        group["base_lr"] = base_lr  # the learning rate comes from the current config
+    schedule.load_state_dict(trainer["schedule"])
+    ranks = trainer["ranks"]
+    if len(ranks) != dist_info.world_size:
+        log.warning("checkpoint from %d process(es), resuming on %d: data order and randomness will differ "
+                    "from an uninterrupted run", len(ranks), dist_info.world_size)
+    mine = ranks[dist_info.rank % len(ranks)]
+    stream.load_state_dict(mine["data"])
+    return int(trainer["step"]), mine["rng"]
+
+
+def pretrain(
+    config: str | Path | Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    resume: str | Path | None = None,
+    **kwargs: Any,
+) -> RunResult:
+    """``pathvl pretrain --config FILE [key=value ...] [--resume RUN_DIR]`` as a library call.
+
+    With ``resume`` and no ``config``, the run's own ``RUN_DIR/config.yaml`` is used (overrides still
+    apply, e.g. ``run.steps=20000`` to extend a run).
+
+    Args:
+        config: YAML path or packaged config name.
+        overrides: Dotted ``key=value`` strings.
+        resume: Run folder to continue.
+        **kwargs: Passed to :func:`train` (``stop_at``, build overrides).
+
+    Returns:
+        See :func:`train`.
+    """
+    if config is None:
+        if resume is None:
+            raise ConfigError("pass a config file (--config FILE) or a run to continue (--resume RUN_DIR)")
+        config = Path(resume) / CONFIG_FILE
+        if not config.is_file():
+            raise FileNotFoundError(f"--resume {resume}: no {CONFIG_FILE} there (is it a run folder?)")
+    cfg = load_config(config, overrides)
+    result = train(cfg, resume=resume, **kwargs)
+    # gloo's destroy_process_group can hang (NOTES.md); NCCL wants it.
+    if is_dist_initialized() and dist.get_backend() == "nccl":
+        dist.destroy_process_group()
+    return result
