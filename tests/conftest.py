@@ -1,0 +1,21 @@
+"""Shared fixtures. Synthetic slides are written once per session into a temporary folder."""
+
+from __future__ import annotations
+
+import pytest
+
+from pathvl.data.synthetic import SyntheticSlide, write_synthetic_slide
+
+
+@pytest.fixture(scope="session")
+def synthetic_slide(tmp_path_factory) -> SyntheticSlide:
+    """Tiny Aperio-style slide: 2048 x 1536 at 0.25 mpp (40x), levels 1/4/16, all six classes, a green pen."""
+    d = tmp_path_factory.mktemp("synthetic")
+    return write_synthetic_slide(d / "aperio.svs", (2048, 1536), mpp=0.25, seed=0, pen_mark="green")
+
+
+@pytest.fixture(scope="session")
+def synthetic_generic_slide(tmp_path_factory) -> SyntheticSlide:
+    """Tiny generic tiled TIFF: 2048 x 2048, mpp 0.5 in the resolution tags only, levels 1/4/16/64."""
+    d = tmp_path_factory.mktemp("synthetic")
+    return write_synthetic_slide(d / "generic.tiff", (2048, 2048), mpp=0.5, seed=1, flavour="generic")
