@@ -37,6 +37,8 @@ class ITMLoss(nn.Module):
     def forward(self, itm_logits: Tensor, itm_labels: Tensor, **_: object) -> Tensor:
         if itm_logits.dim() != 2 or itm_logits.shape[-1] != 2:
             raise ValueError(f"itm_logits must be (M, 2), got shape {tuple(itm_logits.shape)}")
+        if itm_logits.shape[0] == 0 or bool((itm_labels == self.ignore_index).all()):
+            return itm_logits.sum() * 0.0  # no pair to score (e.g. every caption identical): 0, still in the graph
         return F.cross_entropy(
             itm_logits.float(),
             itm_labels.long(),
