@@ -13,6 +13,7 @@ import pytest
 import tifffile
 
 from pathvl import _const as K
+from pathvl.assets import ASSETS
 from pathvl.cli import main
 from pathvl.data.dataset import Dataset
 from pathvl.data.synthetic import write_synthetic_slide
@@ -21,7 +22,7 @@ from pathvl.slide.bags import PARITY_MEAN_ABS, PARITY_P99_ABS, BagReader
 from pathvl.slide.reader import open_slide
 from pathvl.slide.tiling import TileSpec, plan_from_dataset
 
-CMU = Path(__file__).resolve().parents[1] / "tests" / "data" / "CMU-1-Small-Region.svs"
+CMU = ASSETS / "CMU-1-Small-Region.svs"
 
 
 @pytest.fixture(scope="module")

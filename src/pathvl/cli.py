@@ -6,6 +6,7 @@ Every subcommand accepts an argv list (``main(["tile", ...])``) so tests call it
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,17 +17,15 @@ from pathvl import __version__
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: printed as one line, no traceback."""
     from pathvl.data.dataset import DatasetError
+    from pathvl.eval.apply import EvalError
     from pathvl.slide.reader import SlideError
     from pathvl.slide.tiling import SpecError
+    from pathvl.train.checkpoint import CheckpointError
+    from pathvl.train.config import ConfigError
+    from pathvl.train.engine import NonFiniteLossError
 
-    errs: list[type[BaseException]] = [DatasetError, SlideError, SpecError, FileNotFoundError]
-    try:
-        from pathvl.train.config import ConfigError
-
-        errs.append(ConfigError)
-    except ImportError:
-        pass
-    return tuple(errs)
+    return (DatasetError, SlideError, SpecError, FileNotFoundError, ConfigError, NonFiniteLossError, EvalError,
+            CheckpointError, ValueError, KeyError)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -161,6 +160,213 @@ def _run_embed(a: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- caption
+CAPTION_EXAMPLE = """example:
+  pathvl caption data/mrplip --captioner template              # synthetic template text (demos, tests)
+  pathvl caption data/mrplip --captioner import --from captions.csv
+  pathvl caption data/mrplip --captioner llava --model ~/models/quilt-llava-hf --batch-size 16
+"""
+
+
+def _add_caption(sub) -> None:
+    p = sub.add_parser("caption", help="caption every patch and extract keyword bags",
+                       description="Write captions/<name> and keywords/<name> for every patch of a dataset.",
+                       epilog=CAPTION_EXAMPLE, formatter_class=_Formatter)
+    p.add_argument("dataset", help="dataset folder written by `pathvl tile`")
+    p.add_argument("--captioner", required=True, choices=["template", "import", "llava"], help="captioner")
+    p.add_argument("--name", default=None, help="name of the captions (default: the captioner's)")
+    p.add_argument("--overwrite", action="store_true", help="recompute slides that have these captions")
+    p.add_argument("--max-chars", type=int, default=2000, help="longer captions are truncated (and counted)")
+    p.add_argument("--shard", type=_shard, default=None, help="I/N (default: RANK/WORLD_SIZE or 0/1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("template")
+    g.add_argument("--labels", default=None, help="CSV of slide_id,label used where no ground truth exists")
+    g.add_argument("--seed", type=int, default=None, help="seed of the phrasing")
+    g.add_argument("--no-ground-truth", action="store_true", help="ignore synthetic ground-truth maps")
+    g = p.add_argument_group("import")
+    g.add_argument("--from", dest="source", default=None, help="CSV/TSV/JSONL of slide_id, index or x,y,mag, text")
+    g.add_argument("--match", choices=["auto", "index", "coords"], default=None, help="how rows find patches")
+    g = p.add_argument_group("llava")
+    g.add_argument("--model", default=None, help="local folder of a LLaVA-family model in Hugging Face format")
+    g.add_argument("--question", default=None, help="question asked about each patch ({mag} is replaced)")
+    g.add_argument("--prompt", default=None, help="full prompt template overriding the chat template")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="longest caption in tokens")
+    g.add_argument("--batch-size", type=int, default=None, help="patches per generation batch")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: GPU when present)")
+    g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="model precision")
+    p.set_defaults(func=_run_caption)
+
+
+def _run_caption(a: argparse.Namespace) -> int:
+    from pathvl.data.caption import caption_dataset
+
+    opts = {"labels": a.labels, "seed": a.seed, "ground_truth": False if a.no_ground_truth else None,
+            "path": a.source, "match": a.match, "model": a.model, "question": a.question, "prompt": a.prompt,
+            "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size, "device": a.device, "dtype": a.dtype}
+    s = caption_dataset(a.dataset, a.captioner, options={k: v for k, v in opts.items() if v is not None},
+                        name=a.name, max_chars=a.max_chars, overwrite=a.overwrite, shard=a.shard,
+                        progress=not a.no_progress)
+    print(s.text())
+    return 1 if s.failed and not s.done and not s.skipped else 0
+
+
+# ----------------------------------------------------------------------------------------------- pretrain
+PRETRAIN_EXAMPLE = """example:
+  pathvl pretrain --config mrplip-tiny data.dataset=data/mrplip            # packaged config + overrides
+  pathvl pretrain --config my.yaml optim.lr=3e-4 losses.mrtva=0 data.mags=[20]   # ablations
+  pathvl pretrain --resume runs/mrplip-tiny                                  # continue exactly
+  torchrun --nproc_per_node 8 -m pathvl.cli pretrain --config mrplip-base data.dataset=data/mrplip
+packaged configs: mrplip-tiny, mrplip-cpu, mrplip-base (and the families' own, see src/pathvl/configs)
+"""
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="pretrain a model (MR-PLIP, PathFLIP, PathAlign)",
+                       description="Train a model family from a config file plus key=value overrides.",
+                       epilog=PRETRAIN_EXAMPLE, formatter_class=_Formatter)
+    p.add_argument("--config", default=None, help="YAML file or packaged config name")
+    p.add_argument("--resume", default=None, help="run folder to continue (its saved config is used)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4")
+    p.set_defaults(func=_run_pretrain)
+
+
+def _run_pretrain(a: argparse.Namespace) -> int:
+    from pathvl.train.engine import pretrain
+
+    if not a.config and not a.resume:
+        raise argparse.ArgumentTypeError("give --config FILE (or a packaged name) or --resume RUN_DIR")
+    res = pretrain(a.config, list(a.overrides), resume=a.resume)
+    print(f"trained to step {res.step}; checkpoint {res.checkpoint}; run folder {res.run_dir}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+ZEROSHOT_EXAMPLE = """example:
+  pathvl zeroshot --checkpoint runs/mrplip --data ~/data/CRC-VAL-HE-7K --benchmark crc_val_he_7k
+  pathvl zeroshot --checkpoint runs/mrplip --data tiles/ --prompts my_prompts.json --out reports/zs
+  pathvl zeroshot --list                                   # benchmarks and built-in prompt sets
+"""
+
+
+def _add_eval_common(p) -> None:
+    p.add_argument("--checkpoint", help="run folder (or checkpoint folder) from `pathvl pretrain`")
+    p.add_argument("--encoder-weights", default=None, help="weights of the frozen vision encoder, if it needs any")
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per batch")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for confidence intervals")
+    p.add_argument("--out", default=None, help="report folder (JSON, Markdown, PNG)")
+
+
+def _add_zeroshot(sub) -> None:
+    p = sub.add_parser("zeroshot", help="zero-shot tile classification with prompt ensembles",
+                       description="Zero-shot classification of labelled tiles; weighted F1 and every metric.",
+                       epilog=ZEROSHOT_EXAMPLE, formatter_class=_Formatter)
+    p.add_argument("--data", help="tiles: a benchmark's local copy, a folder with labels.csv, or class folders")
+    p.add_argument("--benchmark", default=None, help="benchmark registry name (sets layout and prompts)")
+    p.add_argument("--split", default=None, help="benchmark split")
+    p.add_argument("--prompts", default=None, help="built-in prompt set or JSON file (ours or CONCH-style)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    p.add_argument("--list", action="store_true", help="list benchmarks and prompt sets and exit")
+    _add_eval_common(p)
+    p.set_defaults(func=_run_zeroshot)
+
+
+def _write(report: dict, out: str | None, name: str, title: str) -> None:
+    from pathvl.eval.report import render_markdown, write_report
+
+    if out:
+        write_report(out, report, name=name, title=title)
+        print(f"report: {Path(out) / (name + '.md')}")
+    else:
+        print(render_markdown(report, title=title))
+
+
+def _run_zeroshot(a: argparse.Namespace) -> int:
+    if a.list:
+        from pathvl.eval.benchmarks import describe_all
+        from pathvl.eval.zeroshot import builtin_prompt_sets
+
+        print(describe_all())
+        print("\nbuilt-in prompt sets: " + ", ".join(builtin_prompt_sets()))
+        return 0
+    if not a.checkpoint or not a.data:
+        raise argparse.ArgumentTypeError("give --checkpoint RUN and --data TILES (or --list)")
+    from pathvl.eval.apply import zeroshot_tiles
+
+    rep = zeroshot_tiles(a.checkpoint, a.data, prompts=a.prompts, benchmark=a.benchmark, split=a.split,
+                         encoder_weights=a.encoder_weights, batch_size=a.batch_size, workers=a.workers,
+                         n_bootstrap=a.bootstrap, skip_bad=a.skip_bad)
+    _write(rep, a.out, "zeroshot", f"Zero-shot: {a.benchmark or a.data}")
+    return 0
+
+
+def _add_probe(sub) -> None:
+    p = sub.add_parser("probe", help="linear probe on a checkpoint's frozen image embeddings",
+                       description="Logistic regression on frozen embeddings, C chosen on a validation split.",
+                       epilog="example:\n  pathvl probe --checkpoint runs/mrplip --train tiles/tr --test tiles/te\n",
+                       formatter_class=_Formatter)
+    p.add_argument("--train", required=True, help="training tiles (labels.csv folder or class folders)")
+    p.add_argument("--test", required=True, help="test tiles")
+    p.add_argument("--benchmark", default=None, help="benchmark registry name")
+    _add_eval_common(p)
+    p.set_defaults(func=_run_probe)
+
+
+def _run_probe(a: argparse.Namespace) -> int:
+    from pathvl.eval.apply import linear_probe_tiles
+
+    if not a.checkpoint:
+        raise argparse.ArgumentTypeError("give --checkpoint RUN")
+    rep = linear_probe_tiles(a.checkpoint, a.train, a.test, benchmark=a.benchmark, encoder_weights=a.encoder_weights,
+                             batch_size=a.batch_size, workers=a.workers, n_bootstrap=a.bootstrap)
+    _write(rep, a.out, "probe", "Linear probe")
+    return 0
+
+
+def _add_retrieve(sub) -> None:
+    p = sub.add_parser("retrieve", help="image-text retrieval Recall@1/5/10",
+                       description="Retrieval between a dataset's patches and their captions.",
+                       epilog="example:\n  pathvl retrieve --checkpoint runs/mrplip --dataset data/heldout\n",
+                       formatter_class=_Formatter)
+    p.add_argument("--dataset", required=True, help="dataset folder with features and captions")
+    p.add_argument("--captions", default=None, help="captions name (default: the one the model trained on)")
+    p.add_argument("--max-items", type=int, default=5000, help="at most this many caption/patch pairs")
+    _add_eval_common(p)
+    p.set_defaults(func=_run_retrieve)
+
+
+def _run_retrieve(a: argparse.Namespace) -> int:
+    from pathvl.eval.apply import retrieve_patches
+
+    if not a.checkpoint:
+        raise argparse.ArgumentTypeError("give --checkpoint RUN")
+    rep = retrieve_patches(a.checkpoint, a.dataset, captions=a.captions, max_patches=a.max_items)
+    _write(rep, a.out, "retrieval", "Retrieval")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- demo
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole chain on built-in data (CPU, no network)",
+                       description="Generate slides, tile, caption, embed, pretrain MR-PLIP briefly, evaluate, "
+                                   "and write a report with pictures.",
+                       epilog="example:\n  pathvl demo\n  pathvl demo --out /tmp/demo --quick\n",
+                       formatter_class=_Formatter)
+    p.add_argument("--out", default="pathvl-demo", help="work folder (reruns reuse finished stages)")
+    p.add_argument("--quick", action="store_true", help="a smaller setting (what the test suite runs)")
+    p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: 250, quick: 40)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(a: argparse.Namespace) -> int:
+    from pathvl.demo import run_demo
+
+    report = run_demo(a.out, quick=a.quick, steps=a.steps, progress=not a.no_progress)
+    print(f"demo report: {report}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- info
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="describe a slide or a dataset",
@@ -189,7 +395,9 @@ def _run_info(a: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- main
-_COMMANDS: list[Callable] = [_add_tile, _add_embed, _add_info]
+_COMMANDS: list[Callable] = [
+    _add_tile, _add_caption, _add_embed, _add_pretrain, _add_zeroshot, _add_probe, _add_retrieve, _add_demo, _add_info,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,7 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (argparse.ArgumentTypeError, *_user_errors()) as e:
-        print(f"pathvl {args.command}: error: {e}", file=sys.stderr)
+        if os.environ.get("PATHVL_DEBUG"):
+            raise
+        msg = str(e).strip("'\"") if isinstance(e, KeyError) else str(e)
+        print(f"pathvl {args.command}: error: {msg}  (PATHVL_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pathvl {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -1,0 +1,239 @@
+"""Evaluate a pretrained checkpoint: zero-shot tiles, linear probe, retrieval.
+
+The glue between :mod:`pathvl.train.checkpoint` (a run folder from ``pathvl pretrain``), the frozen vision
+encoder its features came from, and the protocols in :mod:`pathvl.eval`. A tile-level model (MR-PLIP)
+exposes ``encode_image(features)``, ``encode_text(tokens)`` and ``tokenize(texts)``; the features of a tile
+come from the encoder named in the checkpoint's ``data.features`` (``--encoder-weights`` gives its weights
+when it needs some).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pathvl.eval.tiles import TileDataset, color_histogram_features, csv_tiles, image_folder, tile_loader
+
+TILE_FAMILIES = ("mrplip",)
+
+
+class EvalError(ValueError):
+    """A checkpoint or data set that cannot be evaluated as asked; the message says why."""
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint ready for evaluation.
+
+    Attributes:
+        model: The model, in eval mode.
+        family: Its family (``mrplip``, ``pathflip``, ``pathalign``).
+        meta: The checkpoint's ``trainer.json``.
+        features: Name of the frozen vision encoder its inputs came from.
+    """
+
+    model: torch.nn.Module
+    family: str
+    meta: dict
+    features: str
+
+    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(texts), batch_size):
+                out.append(self.model.encode_text(self.model.tokenize(texts[i : i + batch_size])))
+        return torch.cat(out)
+
+
+def load_checkpoint(path: str | Path, families: tuple[str, ...] = TILE_FAMILIES) -> LoadedModel:
+    """Load a run folder or checkpoint folder written by ``pathvl pretrain``.
+
+    Raises:
+        EvalError: Not a checkpoint, or a model family this command cannot use.
+    """
+    from pathvl.train.checkpoint import CheckpointError, find_checkpoint, load_model, read_meta
+
+    try:
+        meta = read_meta(find_checkpoint(path))
+    except (CheckpointError, FileNotFoundError, OSError, ValueError) as e:
+        raise EvalError(f"{path}: not a pathvl checkpoint ({e}); give a run folder from `pathvl pretrain`") from e
+    family = meta.get("family", "")
+    if family not in families:
+        raise EvalError(f"{path}: checkpoint is a {family} model, this command needs {' or '.join(families)}")
+    model, meta = load_model(path)
+    model.eval()
+    features = meta.get("config", {}).get("data", {}).get("features", "colour-texture")
+    return LoadedModel(model=model, family=family, meta=meta, features=features)
+
+
+def load_tiles(data: str | Path, benchmark: str | None = None, split: str | None = None,
+               skip_bad: bool = False) -> TileDataset:
+    """Labelled tiles from a benchmark's local copy, a folder with ``labels.csv``, or class subfolders.
+
+    Raises:
+        EvalError: No such folder, or no images in it.
+    """
+    root = Path(data)
+    if not root.exists():
+        raise EvalError(f"{root}: no such folder")
+    if benchmark:
+        from pathvl.eval.benchmarks import load_benchmark
+
+        ds = load_benchmark(benchmark, root, split=split, skip_bad=skip_bad)
+    elif root.is_file() or (root / "labels.csv").exists():
+        ds = csv_tiles(root if root.is_file() else root / "labels.csv", skip_bad=skip_bad)
+    else:
+        ds = image_folder(root, skip_bad=skip_bad)
+    if len(ds) == 0:
+        raise EvalError(f"{root}: no images found")
+    return ds
+
+
+def tile_embeddings(lm: LoadedModel, ds: TileDataset, *, encoder_weights: str | None = None,
+                    batch_size: int = 64, workers: int = 0) -> tuple[torch.Tensor, np.ndarray, list[np.ndarray]]:
+    """Frozen features -> model image embeddings for every tile.
+
+    Returns:
+        ``(embeddings (N, E) normalised, labels (N,), images)``; ``images`` are the uint8 tiles (kept for
+        the colour-histogram baseline).
+    """
+    from pathvl.encoders import build_vision
+
+    enc = build_vision(lm.features, weights=encoder_weights)
+    embs, labels, images = [], [], []
+    with torch.no_grad():
+        for batch, y, _ in tile_loader(ds, batch_size=batch_size, num_workers=workers):
+            if isinstance(batch, list):  # tiles of mixed sizes: preprocess one by one
+                x = torch.cat([enc.preprocess_batch(torch.from_numpy(np.asarray(b))[None]) for b in batch])
+                images += [np.asarray(b) for b in batch]
+            else:
+                x = enc.preprocess_batch(batch)
+                images += list(batch.numpy())
+            embs.append(lm.model.encode_image(enc.encode(x)))
+            labels.append(y.numpy())
+    return torch.cat(embs), np.concatenate(labels), images
+
+
+def histogram_baseline(images: list[np.ndarray], labels: np.ndarray, bins: int = 8) -> dict[str, float]:
+    """Leave-one-out nearest-centroid classifier on colour histograms: the trivial baseline to print beside
+    any model figure on a small tile set (SOURCES.md: about 56% on the 32 CRC tiles)."""
+    from pathvl.eval.metrics import accuracy, balanced_accuracy, weighted_f1
+
+    h = color_histogram_features(images, bins=bins)
+    h = h / np.linalg.norm(h, axis=1, keepdims=True).clip(1e-12)
+    classes = np.unique(labels)
+    pred = np.empty_like(labels)
+    for i in range(len(labels)):
+        keep = np.arange(len(labels)) != i
+        cents = []
+        for c in classes:
+            sel = keep & (labels == c)
+            cents.append(h[sel].mean(0) if sel.any() else np.full(h.shape[1], -np.inf))
+        pred[i] = classes[int(np.argmax(np.stack(cents) @ h[i]))]
+    return {"accuracy": accuracy(labels, pred), "balanced_accuracy": balanced_accuracy(labels, pred),
+            "f1_weighted": weighted_f1(labels, pred)}
+
+
+def zeroshot_tiles(checkpoint: str | Path, data: str | Path, *, prompts: str | None = None,
+                   benchmark: str | None = None, split: str | None = None, encoder_weights: str | None = None,
+                   batch_size: int = 64, workers: int = 0, n_bootstrap: int = 0, baseline: bool = True,
+                   skip_bad: bool = False) -> dict[str, Any]:
+    """Zero-shot tile classification with a prompt ensemble, reported with every metric.
+
+    Args:
+        checkpoint: Run folder from ``pathvl pretrain``.
+        data: Tiles (a benchmark's local copy, a folder with ``labels.csv``, or class subfolders).
+        prompts: Built-in prompt-set name or JSON file; default: the benchmark's own set.
+        benchmark: Registry name of the benchmark (``pathvl zeroshot --list`` shows them).
+        split: Benchmark split.
+        encoder_weights: Weights of the frozen vision encoder, when it needs some.
+        batch_size: Tiles per batch.
+        workers: DataLoader workers.
+        n_bootstrap: Bootstrap resamples for confidence intervals.
+        baseline: Add the colour-histogram baseline.
+        skip_bad: Skip unreadable images with a warning.
+    """
+    from pathvl.eval.benchmarks import get_benchmark
+    from pathvl.eval.zeroshot import build_class_weights, load_prompt_set, zeroshot_report
+
+    lm = load_checkpoint(checkpoint)
+    ds = load_tiles(data, benchmark, split, skip_bad)
+    if prompts is None:
+        if not benchmark:
+            raise EvalError("pass --prompts (a built-in prompt set or a JSON file) or --benchmark")
+        prompts = get_benchmark(benchmark).prompt_set
+    ps = load_prompt_set(prompts, labels=ds.class_names)
+    weights = build_class_weights(lm.encode_text, ps)
+    emb, y, images = tile_embeddings(lm, ds, encoder_weights=encoder_weights, batch_size=batch_size,
+                                     workers=workers)
+    report = zeroshot_report(emb, y, weights, ds.class_names, n_bootstrap=n_bootstrap)
+    report["model"] = {"checkpoint": str(checkpoint), "family": lm.family, "step": lm.meta.get("step"),
+                       "vision_encoder": lm.features, "prompts": ps.name}
+    if baseline:
+        report["baselines"] = {"colour histogram, leave-one-out nearest centroid (supervised)":
+                               histogram_baseline(images, y)}
+    return report
+
+
+def linear_probe_tiles(checkpoint: str | Path, train: str | Path, test: str | Path, *,
+                       benchmark: str | None = None, encoder_weights: str | None = None, batch_size: int = 64,
+                       workers: int = 0, n_bootstrap: int = 0) -> dict[str, Any]:
+    """Logistic regression on the model's frozen image embeddings (C chosen on a validation split)."""
+    from pathvl.eval.probe import linear_probe
+
+    lm = load_checkpoint(checkpoint)
+    tr = load_tiles(train, benchmark, "train" if benchmark else None)
+    te = load_tiles(test, benchmark, "test" if benchmark else None)
+    if tr.class_names != te.class_names:
+        raise EvalError(f"train classes {tr.class_names} differ from test classes {te.class_names}")
+    xtr, ytr, _ = tile_embeddings(lm, tr, encoder_weights=encoder_weights, batch_size=batch_size, workers=workers)
+    xte, yte, _ = tile_embeddings(lm, te, encoder_weights=encoder_weights, batch_size=batch_size, workers=workers)
+    report = linear_probe(xtr.numpy(), ytr, xte.numpy(), yte, class_names=tr.class_names, n_bootstrap=n_bootstrap)
+    report["model"] = {"checkpoint": str(checkpoint), "family": lm.family, "vision_encoder": lm.features}
+    return report
+
+
+def retrieve_patches(checkpoint: str | Path, dataset: str | Path, *, captions: str | None = None,
+                     slides: list[str] | None = None, max_patches: int = 5000, seed: int = 0) -> dict[str, Any]:
+    """Image-to-text and text-to-image Recall@1/5/10 between a dataset's patches and their captions.
+
+    Template and generated captions repeat, which makes "the" matching caption ambiguous; the protocol
+    therefore keeps one randomly chosen patch per distinct caption (at most ``max_patches``) and scores
+    one-to-one retrieval between those patches and their captions.
+    """
+    from pathvl import _const as K
+    from pathvl.data.dataset import Dataset
+    from pathvl.data.embed import feature_name
+    from pathvl.eval.retrieval import retrieval_recall
+
+    lm = load_checkpoint(checkpoint)
+    captions = captions or lm.meta.get("config", {}).get("data", {}).get("captions", "template")
+    ds = Dataset(dataset)
+    fname = feature_name(lm.features)
+    ds.require(K.FEATURES, fname, f"pathvl embed {dataset} --encoder {lm.features}")
+    ds.require(K.CAPTIONS, captions, f"pathvl caption {dataset} --captioner {captions}")
+    feats, texts = [], []
+    for sid in slides or ds.slide_ids():
+        with ds.open(sid) as f:
+            feats.append(f[f"{K.FEATURES}/{fname}"][:].astype(np.float32))
+            texts += [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in f[f"{K.CAPTIONS}/{captions}"][:]]
+    x = np.concatenate(feats)
+    rng = np.random.default_rng(seed)
+    first: dict[str, int] = {}
+    for i in rng.permutation(len(texts)):
+        if texts[i].strip():
+            first.setdefault(texts[i], int(i))
+    uniq = sorted(first)[:max_patches]
+    if len(uniq) < 2:
+        raise EvalError(f"{dataset}: fewer than two distinct captions in captions/{captions}")
+    rows = np.asarray([first[t] for t in uniq])
+    with torch.no_grad():
+        img = lm.model.encode_image(torch.from_numpy(x[rows]))
+    rep = retrieval_recall(img, lm.encode_text(uniq))
+    rep["model"] = {"checkpoint": str(checkpoint), "family": lm.family, "captions": captions,
+                    "protocol": "one random patch per distinct caption"}
+    return rep
