@@ -32,7 +32,7 @@ def test_demo_report_and_learning(demo):
     assert trained["balanced_accuracy"] > 2 * chance
     assert trained["f1_weighted"] > rnd["f1_weighted"] + 0.1
     base = r["crc_zeroshot"]["baselines"]
-    assert list(base.values())[0]["accuracy"] > 0.3  # the colour-histogram baseline is printed beside
+    assert next(iter(base.values()))["accuracy"] > 0.3  # the colour-histogram baseline is printed beside
     assert r["retrieval"]["image_to_text"]["R@10"] >= 10 / r["retrieval"]["n_images"]
     # the bundled real 20x slide went through the skip policy: bags of 21 patches
     m = json.loads((demo / "data" / "manifest.json").read_text())
@@ -79,7 +79,8 @@ def test_bad_inputs(demo, tmp_path, capsys):
     run = str(demo / "runs" / "mrplip-demo")
     # a prompt file with a class the data lacks
     bad = tmp_path / "p.json"
-    bad.write_text(json.dumps({"name": "x", "classes": {"ADI": ["fat"], "XYZ": ["unknown"]}, "templates": ["CLASSNAME"]}))
+    prompt = {"name": "x", "classes": {"ADI": ["fat"], "XYZ": ["unknown"]}, "templates": ["CLASSNAME"]}
+    bad.write_text(json.dumps(prompt))
     assert main(["zeroshot", "--checkpoint", run, "--data", str(CRC_TILES), "--prompts", str(bad)]) == 2
     assert "XYZ" in _err(capsys)
     # an empty data folder

@@ -89,7 +89,8 @@ def test_forward_all_losses_and_backward():
         assert torch.isfinite(v), name
         total = total + v
     total.backward()
-    assert model.vis_proj.net[0].weight.grad is not None and model.text.embeddings.word_embeddings.weight.grad is not None
+    assert model.vis_proj.net[0].weight.grad is not None
+    assert model.text.embeddings.word_embeddings.weight.grad is not None
     N = 106
     assert out["image_emb"].shape == (N, 16) and out["text_emb"].shape == (N, 16)
     assert out["z"].shape == out["p"].shape == (N, 16)
@@ -148,18 +149,18 @@ def test_bag_dataset_and_single_magnification(dataset):
 
 
 def test_missing_stage_names_the_command(dataset):
-    with pytest.raises(DatasetError, match="pathvl embed .* --encoder uni"):
+    with pytest.raises(DatasetError, match=r"pathvl embed .* --encoder uni"):
         BagDataset(dataset, BagSource("uni", "template"))
-    with pytest.raises(DatasetError, match="pathvl caption .* --captioner llava"):
+    with pytest.raises(DatasetError, match=r"pathvl caption .* --captioner llava"):
         BagDataset(dataset, BagSource("tiny-cnn", "llava"))
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match="model.fusion_layer"):
+    with pytest.raises(ConfigError, match=r"model\.fusion_layer"):
         load_config("mrplip-tiny", ["model.fusion_layer=2"])
-    with pytest.raises(ConfigError, match="model.top_k"):
+    with pytest.raises(ConfigError, match=r"model\.top_k"):
         load_config("mrplip-tiny", ["model.top_k=many"])
-    with pytest.raises(ConfigError, match="losses.cvtaa"):
+    with pytest.raises(ConfigError, match=r"losses\.cvtaa"):
         load_config("mrplip-tiny", ["losses.cvtaa=1"])
     cfg = load_config("mrplip-base")
     assert (cfg.model.width, cfg.model.text_layers, cfg.model.fusion_layers) == (768, 6, 6)

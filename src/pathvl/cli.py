@@ -18,6 +18,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: printed as one line, no traceback."""
     from pathvl.data.dataset import DatasetError
     from pathvl.eval.apply import EvalError
+    from pathvl.eval.tiles import UnreadableImageError
     from pathvl.slide.reader import SlideError
     from pathvl.slide.tiling import SpecError
     from pathvl.train.checkpoint import CheckpointError
@@ -25,7 +26,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pathvl.train.engine import NonFiniteLossError
 
     return (DatasetError, SlideError, SpecError, FileNotFoundError, ConfigError, NonFiniteLossError, EvalError,
-            CheckpointError, ValueError, KeyError)
+            CheckpointError, UnreadableImageError, ValueError, KeyError)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

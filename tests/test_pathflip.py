@@ -1,0 +1,352 @@
+"""PathFLIP: slide dataset and texts, model shapes and masks, losses, bad input, and a tiny end-to-end run
+(synthetic slides -> full 20x grid -> colour-texture features -> captions from the ground truth ->
+training -> slide-caption retrieval and a localising "tumor" heatmap)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pathvl.data.dataset import DatasetError
+from pathvl.data.slidedata import (
+    SlideDataset,
+    SlideText,
+    caption_from_ground_truth,
+    collate_slides,
+    read_slide_texts,
+)
+from pathvl.models.pathflip import (
+    PathFLIPConfig,
+    build_pathflip,
+    build_pathflip_losses,
+    embed_slides,
+    recall_at_k,
+    slide_retrieval,
+    slide_zeroshot,
+)
+
+FEATURES = "colour-texture"
+# Two stain/layout groups (seed 0 blobs: regions top/bottom; seed 1 grid: left/right); every class in three
+# slides, tumor in half of them, no sub-caption repeated between slides.
+SLIDES = [(0, "blobs", ("tumor", "stroma")), (1, "grid", ("stroma", "lymphocytes")),
+          (0, "blobs", ("adipose", "tumor")), (1, "grid", ("lymphocytes", "tumor")),
+          (0, "blobs", ("lymphocytes", "adipose")), (1, "grid", ("adipose", "stroma"))]
+POSITIONS = ("top", "bottom", "left", "right", "centre", "upper left", "upper right", "lower left", "lower right")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is faster, and much faster on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> dict:
+    """Six 1024 px slides at 0.5 um/px, tiled at 20x / 128 px with all parents, embedded with colour-texture."""
+    from pathvl.data.embed import embed_dataset
+    from pathvl.data.synthetic import load_ground_truth, write_synthetic_slide
+    from pathvl.data.tiler import TileOptions, tile_slides
+    from pathvl.slide.tiling import TileSpec
+
+    d = tmp_path_factory.mktemp("pathflip")
+    paths = [write_synthetic_slide(d / f"s{i}.tiff", (1024, 1024), mpp=0.5, seed=seed, layout=layout, classes=cls,
+                                   background_frac=0.3, downsamples=(4,), flavour="generic").path
+             for i, (seed, layout, cls) in enumerate(SLIDES)]
+    root = d / "ds"
+    tile_slides(paths, root, TileSpec(mags=(20.0,), patch_px=128, parents=None, min_tissue=0.25),
+                TileOptions(progress=False, store_pixels=True))
+    embed_dataset(root, FEATURES, progress=False, workers=1, batch_size=256)
+    gts = {p.stem: load_ground_truth(p) for p in paths}
+    texts = {sid: caption_from_ground_truth(gt) for sid, gt in gts.items()}
+    return {"root": root, "paths": paths, "gts": gts, "texts": texts, "dir": d}
+
+
+def _random_batch(model, B: int = 3, N: int = 12, K: int = 3, D: int = 8, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    caps = ["tumor in the top; stroma in the bottom", "adipose tissue", "lymphocytes in the centre"][:B]
+    subs = ["tumor in the top", "stroma in the bottom", "", "adipose tissue", "", "", "lymphocytes", "necrosis", ""]
+    c = model.tokenize(caps)
+    s = model.tokenize(subs[: B * K])
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[0, 8:] = False
+    mask[1, 5:] = False
+    feats = torch.randn(B, N, D, generator=g)
+    feats[~mask] = 0.0
+    return {"features": feats, "patch_mask": mask, "coords": torch.rand(B, N, 2, generator=g),
+            "caption_ids": c["input_ids"], "caption_mask": c["attention_mask"],
+            "subcap_ids": s["input_ids"].view(B, K, -1), "subcap_attn": s["attention_mask"].view(B, K, -1),
+            "subcap_mask": torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)}
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_pathflip(PathFLIPConfig.tiny(feature_dim=8, pos_embed=True))
+
+
+# ------------------------------------------------------------------------------------------- model
+def test_forward_shapes_and_losses(tiny_model):
+    m = tiny_model
+    b = _random_batch(m)
+    out = m(b)
+    E = m.cfg.embed_dim
+    assert out["image_emb"].shape == (3, E) and out["text_emb"].shape == (3, E)
+    assert out["region_emb"].shape == (3, 3, E) and out["subcap_emb"].shape == (3, 3, E)
+    assert out["subcap_mask"].tolist() == b["subcap_mask"].tolist()
+    assert out["logit_scale"].ndim == 0 and out["logit_bias"].ndim == 0
+    losses = build_pathflip_losses(m.cfg)
+    assert set(losses) == {"itc", "region"}
+    total = sum(fn(**out) for fn in losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert m.latents.grad is not None and m.txt_local_head.weight.grad is not None
+    assert m.text.embeddings.word_embeddings.weight.grad is None  # tiny: frozen text encoder
+    m.zero_grad(set_to_none=True)
+    assert set(build_pathflip_losses(m.cfg, {"siglip": 1.0, "region": 0.0})) == {"siglip"}
+    with pytest.raises(ValueError, match="unknown PathFLIP losses"):
+        build_pathflip_losses(m.cfg, {"itm": 1.0})
+
+
+@pytest.mark.parametrize("overrides", [{}, {"region_attention": "projected", "region_tokens": "output", "layers": 2}])
+def test_padding_never_receives_attention(overrides):
+    """Perturbing padded patch features changes no output; padded patches get zero attention."""
+    torch.manual_seed(0)
+    m = build_pathflip(PathFLIPConfig.tiny(feature_dim=8, **overrides)).eval()
+    b = _random_batch(m)
+    b2 = dict(b)
+    f2 = b["features"].clone()
+    f2[~b["patch_mask"]] = torch.randn(int((~b["patch_mask"]).sum()), 8) * 100.0
+    b2["features"] = f2
+    with torch.no_grad():
+        o1, o2 = m(b), m(b2)
+        for k in ("image_emb", "text_emb", "region_emb"):
+            assert torch.allclose(o1[k], o2[k], atol=1e-5), k
+        P, _ = m.encode_patches(b["features"], b["patch_mask"], b["coords"])
+        q = m.encode_text_local(["tumor", "stroma"])[None].expand(3, -1, -1)
+        _, attn = m.region_embeddings(P, b["patch_mask"], q)
+        assert torch.all(attn[~b["patch_mask"][:, None, :].expand_as(attn)] == 0)
+        assert torch.allclose(attn.sum(-1), torch.ones(3, 2), atol=1e-5)
+        s = m.patch_text_scores(b["features"], b["patch_mask"], b["coords"], ["tumor"], mode="attention")
+        assert s.shape == (3, 1, 12) and torch.isnan(s[0, 0, 8:]).all() and torch.isfinite(s[0, 0, :8]).all()
+
+
+def test_region_embedding_depends_on_the_query(tiny_model):
+    m = tiny_model.eval()
+    b = _random_batch(m)
+    with torch.no_grad():
+        P, _ = m.encode_patches(b["features"], b["patch_mask"], b["coords"])
+        q = m.encode_text_local(["tumor in the top", "adipose tissue in the lower right"])
+        r, a = m.region_embeddings(P, b["patch_mask"], q[None].expand(3, -1, -1))
+    assert not torch.allclose(r[:, 0], r[:, 1], atol=1e-4)
+    assert not torch.allclose(a[:, 0], a[:, 1], atol=1e-6)
+    # ensembles: a list of prompts is one query (the mean of their local embeddings)
+    with torch.no_grad():
+        ens = m.text_queries([["tumor in the top", "tumor in the bottom"], "stroma"])
+        parts = m.encode_text_local(["tumor in the top", "tumor in the bottom"])
+    assert ens.shape == (2, m.cfg.embed_dim) and torch.allclose(ens[0], parts.mean(0), atol=1e-5)
+    m.train()
+
+
+def test_text_encoder_lora_and_full_training():
+    torch.manual_seed(0)
+    lora = build_pathflip(PathFLIPConfig.tiny(feature_dim=8, text_train="lora", lora_rank=2))
+    text_trainable = [n for n, p in lora.text.named_parameters() if p.requires_grad]
+    assert text_trainable and all(n.endswith(("lora_A", "lora_B")) for n in text_trainable)
+    full = build_pathflip(PathFLIPConfig.tiny(feature_dim=8, text_train="full"))
+    assert all(p.requires_grad for p in full.text.parameters())
+    out = full(_random_batch(full))
+    sum(fn(**out) for fn in build_pathflip_losses(full.cfg).values()).backward()
+    assert full.text.embeddings.word_embeddings.weight.grad is not None
+
+
+def test_config_sizes_and_errors():
+    assert PathFLIPConfig.tiny().width == 64 and PathFLIPConfig.base().text_encoder == "minilm"
+    with pytest.raises(ValueError, match="unknown PathFLIP size"):
+        PathFLIPConfig.size("huge")
+    with pytest.raises(ValueError, match="text_train"):
+        PathFLIPConfig(text_train="partly")
+    with pytest.raises(ValueError, match="feature_dim"):
+        build_pathflip(PathFLIPConfig.tiny())
+    with pytest.raises(ValueError, match="unknown PathFLIP config keys"):
+        build_pathflip({"feature_dim": 8, "widht": 3})
+    m = build_pathflip({"feature_dim": 8, **{"text_encoder": "tiny-text", "width": 32, "heads": 2, "embed_dim": 16}})
+    with pytest.raises(ValueError, match="at least one real patch"):
+        m.encode_patches(torch.zeros(1, 3, 8), torch.zeros(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="feature stats"):
+        m.set_feature_stats(torch.zeros(3), torch.ones(3))
+
+
+def test_recall_at_k():
+    sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.0], [0.0, 0.1, 0.2]])
+    assert recall_at_k(sim, (1, 2)) == {1: pytest.approx(2 / 3), 2: 1.0}
+    r = slide_retrieval(torch.eye(4), torch.eye(4), ks=(1,))
+    assert r == {"i2t_R@1": 1.0, "t2i_R@1": 1.0}
+
+
+# ------------------------------------------------------------------------------------- texts / data
+def test_read_slide_texts_csv_jsonl_and_errors(tmp_path):
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_text('Slide,Report,subcaptions\na,"tumor; stroma",\nb,adipose,"[""fat"", ""vessels""]"\n')
+    t = read_slide_texts(csv_path)
+    assert t["a"] == SlideText("tumor; stroma", None) and t["b"].subcaptions == ("fat", "vessels")
+    jl = tmp_path / "t.jsonl"
+    jl.write_text(json.dumps({"slide_id": "a", "caption": "x", "subcaptions": "p|q"}) + "\n\n")
+    assert read_slide_texts(jl)["a"].subcaptions == ("p", "q")
+    (tmp_path / "bad.csv").write_text("name,value\na,b\n")
+    with pytest.raises(DatasetError, match="cannot tell which columns"):
+        read_slide_texts(tmp_path / "bad.csv")
+    with pytest.raises(DatasetError, match="no column 'foo'"):
+        read_slide_texts(csv_path, text_column="foo")
+    (tmp_path / "dup.csv").write_text("slide_id,text\na,x\na,y\n")
+    with pytest.raises(DatasetError, match="appears twice"):
+        read_slide_texts(tmp_path / "dup.csv")
+    with pytest.raises(FileNotFoundError):
+        read_slide_texts(tmp_path / "missing.csv")
+
+
+def test_caption_from_ground_truth():
+    from pathvl.data.synthetic import GroundTruth
+
+    labels = np.zeros((30, 30), np.uint8)
+    labels[:10, :10] = 1  # upper left
+    labels[20:, 12:18] = 2  # bottom
+    gt = GroundTruth(labels, 32, ("tumor", "adipose"))
+    assert caption_from_ground_truth(gt) == "tumor in the upper left; adipose tissue in the bottom"
+    assert caption_from_ground_truth(GroundTruth(np.zeros((4, 4), np.uint8), 32, ("tumor",))) == "no tissue"
+
+
+def test_dataset_bad_input(synthetic):
+    root, texts = synthetic["root"], synthetic["texts"]
+    missing = dict(texts)
+    missing.pop("s3")
+    with pytest.raises(DatasetError, match=r"slides without text: 1 slide\(s\).*s3"):
+        SlideDataset(root, missing, FEATURES)
+    with pytest.raises(DatasetError, match=r"texts without slides.*ghost"):
+        SlideDataset(root, {**texts, "ghost": "tumor"}, FEATURES)
+    SlideDataset(root, {**texts, "ghost": "tumor"}, FEATURES, slide_ids=["s0", "s1"])  # a split: extra rows fine
+    with pytest.raises(DatasetError, match=r"slides without text.*empty caption"):
+        SlideDataset(root, {**texts, "s2": "  "}, FEATURES)
+    with pytest.raises(DatasetError, match="empty sub-caption list"):
+        SlideDataset(root, {**texts, "s2": SlideText("tumor", ())}, FEATURES)
+    with pytest.raises(DatasetError, match="not tiled"):
+        SlideDataset(root, texts, FEATURES, slide_ids=["nope"])
+    with pytest.raises(DatasetError, match=r"pathvl embed .* --encoder tiny-vit"):
+        SlideDataset(root, texts, "tiny-vit")
+    with pytest.raises(DatasetError, match="empty sub-caption list"):
+        collate_slides([{"features": np.zeros((2, 3)), "coords": np.zeros((2, 2)), "rows": np.arange(2),
+                         "caption": "x", "subcaptions": ["", ""], "subcaption_mask": [False, False],
+                         "slide_id": "z"}], tokenizer=None)
+
+
+def test_heatmap_bad_input(synthetic, tiny_model):
+    from pathvl.eval.heatmap import slide_heatmaps
+
+    with pytest.raises(DatasetError, match=r"not embedded with 'tiny-vit'.*pathvl embed"):
+        slide_heatmaps(tiny_model, synthetic["root"], "s0", "tumor", "tiny-vit")
+    with pytest.raises(DatasetError, match="not in the dataset"):
+        slide_heatmaps(tiny_model, synthetic["root"], "s99", "tumor", FEATURES)
+
+
+def test_dataset_items_and_collate(synthetic):
+    from transformers import AutoTokenizer
+
+    from pathvl.encoders.text import minilm_path
+
+    ds = SlideDataset(synthetic["root"], synthetic["texts"], FEATURES, max_patches=20, n_subcaptions=3)
+    assert ds.feature_dim == 52 and len(ds) == 6
+    it = ds[0]
+    assert it["features"].shape == (20, 52) and it["coords"].shape == (20, 2)
+    assert (it["coords"] >= 0).all() and (it["coords"] <= 1).all()
+    assert it["subcaptions"][2] == "" and it["subcaption_mask"] == [True, True, False]
+    ds.set_epoch(1)
+    assert not np.array_equal(ds[0]["rows"], it["rows"])  # re-drawn per epoch
+    full = SlideDataset(synthetic["root"], synthetic["texts"], FEATURES, max_patches=0, train=False)
+    n = [len(full.patch_rows(i)) for i in range(len(full))]
+    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    b = collate_slides([full[i] for i in range(3)], tok, max_tokens=16)
+    assert b["features"].shape == (3, max(n[:3]), 52) and b["patch_mask"].sum(1).tolist() == n[:3]
+    assert (b["rows"][~b["patch_mask"]] == -1).all() and b["subcap_ids"].shape[:2] == (3, 8)
+    mean, std = full.feature_stats()
+    assert mean.shape == (52,) and (std >= 0).all()
+    # identical sub-captions of two slides are kept for one of them only
+    dup = [dict(full[0]), dict(full[1])]
+    dup[1]["subcaptions"] = list(dup[0]["subcaptions"])
+    dup[1]["subcaption_mask"] = list(dup[0]["subcaption_mask"])
+    b = collate_slides(dup, tok, generator=torch.Generator().manual_seed(0))
+    assert (b["subcap_mask"][0] ^ b["subcap_mask"][1])[:2].all()
+    b = collate_slides(dup, tok, dedupe_subcaptions=False)
+    assert b["subcap_mask"][0].tolist() == b["subcap_mask"][1].tolist()
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_end_to_end_retrieval_and_tumor_heatmap(synthetic, tmp_path):
+    from pathvl.eval.heatmap import slide_heatmaps
+
+    root, texts, gts = synthetic["root"], synthetic["texts"], synthetic["gts"]
+    assert len(set(texts.values())) == 6
+    torch.manual_seed(0)
+    ds = SlideDataset(root, texts, FEATURES, max_patches=0, n_subcaptions=4)
+    model = build_pathflip(PathFLIPConfig.tiny(feature_dim=ds.feature_dim))
+    model.set_feature_stats(*map(torch.from_numpy, ds.feature_stats()))
+    losses = build_pathflip_losses(model.cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
+    items = [ds[i] for i in range(len(ds))]
+    first = last = None
+    for step in range(300):
+        batch = collate_slides(items, model.tokenizer, max_tokens=model.cfg.max_text_tokens)
+        out = model(batch)
+        loss = sum(fn(**out) for fn in losses.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = float(loss.detach()) if step == 0 else first
+        last = float(loss.detach())
+    assert last < 0.5 * first
+
+    emb = embed_slides(model, SlideDataset(root, texts, FEATURES, max_patches=0, train=False))
+    r = slide_retrieval(emb["slide_emb"], emb["caption_emb"])
+    assert r["i2t_R@1"] >= 0.8 and r["t2i_R@1"] >= 0.8  # chance: 1/6
+    pred, scores = slide_zeroshot(model, emb["slide_emb"], {sid: [cap] for sid, cap in texts.items()})
+    assert scores.shape == (6, 6) and (pred == torch.arange(6)).float().mean() >= 0.8
+
+    aucs, single = [], []
+    for sid, gt in gts.items():
+        if "tumor" not in gt.classes:
+            continue
+        ens, word = slide_heatmaps(model, root, sid, [[f"tumor in the {p}" for p in POSITIONS], "tumor"], FEATURES)
+        aucs.append(ens.auroc(gt, "tumor"))
+        single.append(word.auroc(gt, "tumor"))
+        assert ens.scores.shape == word.scores.shape == (len(ds.patch_rows(ds.slide_ids.index(sid))),)
+    print(f"tumor heatmap AUROC: prompt ensemble {np.round(aucs, 3)}, single word {np.round(single, 3)}; {r}")
+    assert np.mean(aucs) > 0.7 and min(aucs) > 0.5
+    png = ens.save_png(tmp_path / "tumor.png", max_px=256)
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.mode == "RGB" and max(im.size) == 256
+    grid = ens.raster((32, 32))
+    assert np.isfinite(grid).any() and np.isnan(grid).any()  # patches and glass
+    hm_attn = slide_heatmaps(model, root, "s0", "tumor", FEATURES, mode="attention")[0]
+    assert np.isclose(hm_attn.scores.sum(), 1.0, atol=1e-4)
+
+
+def test_state_dict_roundtrip_keeps_feature_stats(tmp_path):
+    torch.manual_seed(0)
+    m = build_pathflip(PathFLIPConfig.tiny(feature_dim=8))
+    m.set_feature_stats(torch.arange(8.0), torch.full((8,), 2.0))
+    path = tmp_path / "m.pt"
+    torch.save(m.state_dict(), path)
+    m2 = build_pathflip(PathFLIPConfig.tiny(feature_dim=8))
+    m2.load_state_dict(torch.load(path))
+    assert torch.equal(m2.feature_std, torch.full((8,), 2.0))
+    b = _random_batch(m)
+    with torch.no_grad():
+        assert torch.allclose(m.eval()(b)["image_emb"], m2.eval()(b)["image_emb"], atol=1e-6)
+    assert Path(path).stat().st_size > 0
