@@ -1,0 +1,498 @@
+"""Slide feature bags with their texts, for slide-level models (PathFLIP, PathAlign).
+
+A slide item is every tissue patch feature of one slide (cached by ``pathvl embed`` on the full grid of
+``pathvl tile --mags 20 --parents all``), sampled down to at most ``max_patches``, plus the slide's
+caption or report and its region sub-captions (:mod:`pathvl.text.decompose`), sampled or padded to
+``n_subcaptions``. :func:`collate_slides` pads the patch bags of a batch to a common length with a mask.
+
+The texts come from a CSV or JSONL file with one row per slide: a slide id column (``slide_id``,
+``slide``, ``id``, ...) and a text column (``text``, ``caption``, ``report``, ...), optionally a
+``subcaptions`` column (a JSON list or ``|``-separated) that overrides the decomposer. Mismatches between
+the texts and the dataset are errors, never silent drops: a slide without text, a text without a slide,
+an empty text or an empty list of sub-captions each raise :class:`~pathvl.data.dataset.DatasetError`
+naming the slides.
+
+Coordinates in a batch are patch centres divided by the slide's level-0 width and height (``[0, 1]``,
+``(x, y)``); ``rows`` keeps each patch's row in the slide file so that scores map back to level-0 coords.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset as TorchDataset
+
+from pathvl import _const as K
+from pathvl.data.dataset import Dataset, DatasetError
+
+__all__ = [
+    "ID_COLUMNS",
+    "TEXT_COLUMNS",
+    "SlideDataset",
+    "SlideText",
+    "caption_from_ground_truth",
+    "collate_slides",
+    "read_slide_texts",
+]
+
+#: Column names accepted for the slide id, in order of preference (case-insensitive).
+ID_COLUMNS = ("slide_id", "slide", "id", "slide_name", "case_id", "sample_id", "tissue sample id")
+#: Column names accepted for the slide text, in order of preference (case-insensitive).
+TEXT_COLUMNS = ("text", "caption", "report", "description", "notes", "pathology notes", "findings")
+#: Column holding precomputed sub-captions (JSON list or ``|``-separated).
+SUBCAPTION_COLUMNS = ("subcaptions", "sub_captions", "findings_list")
+
+
+@dataclass(frozen=True)
+class SlideText:
+    """The text of one slide.
+
+    Attributes:
+        caption: The slide caption or report.
+        subcaptions: Region sub-captions given with the text (``None``: decompose the caption).
+    """
+
+    caption: str
+    subcaptions: tuple[str, ...] | None = None
+
+
+def _pick(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, path: Path) -> str | None:
+    lower = {c.lower().strip(): c for c in columns}
+    if wanted is not None:
+        if wanted in columns:
+            return wanted
+        if wanted.lower() in lower:
+            return lower[wanted.lower()]
+        raise DatasetError(f"{path}: no column {wanted!r} for the {what}; columns are {list(columns)}")
+    for c in candidates:
+        if c in lower:
+            return lower[c]
+    return None
+
+
+def _parse_subcaptions(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        items = [str(v) for v in value]
+    else:
+        s = str(value).strip()
+        if not s:
+            return None
+        if s.startswith("["):
+            try:
+                items = [str(v) for v in json.loads(s)]
+            except json.JSONDecodeError:
+                items = s.strip("[]").split("|")
+        else:
+            items = s.split("|")
+    return tuple(i.strip() for i in items)
+
+
+def read_slide_texts(path: str | Path, id_column: str | None = None, text_column: str | None = None,
+                     subcaption_column: str | None = None) -> dict[str, SlideText]:
+    """Read slide texts from a CSV (``.csv``/``.tsv``) or JSON Lines (``.jsonl``/``.json``) file.
+
+    Args:
+        path: The file.
+        id_column: Slide id column (default: the first of :data:`ID_COLUMNS` present).
+        text_column: Text column (default: the first of :data:`TEXT_COLUMNS` present).
+        subcaption_column: Optional column with precomputed sub-captions.
+
+    Returns:
+        ``{slide_id: SlideText}``. Texts are returned as written, empty ones included (the dataset
+        reports them as slides without text).
+
+    Raises:
+        FileNotFoundError: No such file.
+        DatasetError: A needed column is missing, a slide id repeats, or a JSON line is unreadable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"slide texts: no such file {path}")
+    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}:{n}: not a JSON object ({e})") from e
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    else:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            rows = list(reader)
+            columns = list(reader.fieldnames or [])
+    id_col = _pick(columns, id_column, ID_COLUMNS, "slide id", path)
+    text_col = _pick(columns, text_column, TEXT_COLUMNS, "text", path)
+    if id_col is None or text_col is None:
+        raise DatasetError(
+            f"{path}: cannot tell which columns hold the slide id and the text (columns: {columns}); name a "
+            f"slide id column one of {list(ID_COLUMNS)} and a text column one of {list(TEXT_COLUMNS)}, or pass "
+            "id_column=/text_column="
+        )
+    sub_col = _pick(columns, subcaption_column, SUBCAPTION_COLUMNS, "sub-captions", path)
+    out: dict[str, SlideText] = {}
+    for r in rows:
+        sid = str(r.get(id_col) or "").strip()
+        if not sid:
+            continue
+        if sid in out:
+            raise DatasetError(f"{path}: slide {sid!r} appears twice; give one text per slide")
+        text = r.get(text_col)
+        subs = _parse_subcaptions(r.get(sub_col)) if sub_col else None
+        out[sid] = SlideText(caption="" if text is None else str(text), subcaptions=subs)
+    return out
+
+
+def footprints(f: h5py.File) -> dict[float, float]:
+    """``{magnification: level-0 footprint in pixels}`` of an open slide file (empty if unrecorded)."""
+    if K.ATTR_FOOTPRINTS not in f.attrs:
+        return {}
+    return {float(k): float(v) for k, v in json.loads(f.attrs[K.ATTR_FOOTPRINTS]).items()}
+
+
+def _as_texts(texts: str | Path | Mapping[str, Any]) -> dict[str, SlideText]:
+    if isinstance(texts, (str, Path)):
+        return read_slide_texts(texts)
+    out = {}
+    for sid, t in texts.items():
+        if isinstance(t, SlideText):
+            out[str(sid)] = t
+        elif isinstance(t, str) or t is None:
+            out[str(sid)] = SlideText("" if t is None else t)
+        else:  # (caption, subcaptions)
+            cap, subs = t
+            out[str(sid)] = SlideText(cap, None if subs is None else tuple(subs))
+    return out
+
+
+class SlideDataset(TorchDataset):
+    """Map-style dataset of slides: patch features, normalised coordinates, caption and sub-captions.
+
+    Args:
+        root: Dataset folder (``pathvl tile`` then ``pathvl embed``).
+        texts: Slide texts: a CSV/JSONL path (:func:`read_slide_texts`) or a mapping ``slide_id ->
+            caption`` (or :class:`SlideText`, or ``(caption, subcaptions)``).
+        features: Encoder name under ``features/`` (as given to ``pathvl embed --encoder``).
+        slide_ids: Use these slides only (e.g. a split); texts of other slides are then ignored.
+            Default: every slide of the dataset, and the texts must match the dataset exactly.
+        max_patches: At most this many patches per slide (random without replacement when ``train``,
+            evenly spaced otherwise); 0 keeps all.
+        n_subcaptions: ``K`` sub-captions per slide (sampled when more, padded with a mask when fewer).
+        decomposer: ``"rules"``, ``"lm:<dir>"`` or a callable ``caption -> list[str]``; used for slides
+            whose text carries no sub-captions.
+        mags: Keep only these magnifications (default: all patches of the file).
+        train: Random patch / sub-caption sampling (re-drawn per epoch, see :meth:`set_epoch`).
+        seed: Seed of the sampling.
+
+    Raises:
+        DatasetError: No slides, missing features (the message names ``pathvl embed``), slides without
+            text, texts without slides, empty texts or empty sub-caption lists.
+    """
+
+    def __init__(self, root: str | Path, texts: str | Path | Mapping[str, Any], features: str, *,
+                 slide_ids: Sequence[str] | None = None, max_patches: int = 4096, n_subcaptions: int = 8,
+                 decomposer: str | Callable[[str], list[str]] = "rules", mags: Sequence[float] = (),
+                 train: bool = True, seed: int = 0) -> None:
+        from pathvl.data.embed import feature_name
+        from pathvl.text.decompose import build_decomposer
+
+        self.ds = Dataset(root)
+        self.root = Path(root)
+        self.features = features
+        self.feat_key = f"{K.FEATURES}/{feature_name(features)}"
+        self.max_patches = int(max_patches)
+        self.n_subcaptions = int(n_subcaptions)
+        if self.n_subcaptions < 1:
+            raise ValueError(f"n_subcaptions must be >= 1, got {n_subcaptions}")
+        self.mags = tuple(float(m) for m in mags)
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        all_texts = _as_texts(texts)
+        done = self.ds.slide_ids()
+        if not done:
+            raise DatasetError(f"{root}: no tiled slides; run `pathvl tile SLIDES --out {root}` first")
+        if slide_ids is None:
+            ids = done
+            orphans = sorted(set(all_texts) - set(done))
+            if orphans:
+                raise DatasetError(
+                    f"texts without slides: {len(orphans)} text(s) name slides that are not in {root} "
+                    f"(e.g. {orphans[:3]}); tile those slides, remove the rows, or pass slide_ids="
+                )
+        else:
+            ids = list(slide_ids)
+            unknown = sorted(set(ids) - set(done))
+            if unknown:
+                raise DatasetError(f"{root}: {len(unknown)} requested slide(s) are not tiled (e.g. {unknown[:3]})")
+        missing = [s for s in ids if s not in all_texts]
+        if missing:
+            raise DatasetError(
+                f"slides without text: {len(missing)} slide(s) of {root} have no row in the texts "
+                f"(e.g. {missing[:3]}); add their caption/report or restrict slide_ids="
+            )
+        empty = [s for s in ids if not all_texts[s].caption.strip()]
+        if empty:
+            raise DatasetError(f"slides without text: {len(empty)} slide(s) have an empty caption (e.g. {empty[:3]})")
+        missing_feat = []
+        for sid in ids:
+            with self.ds.open(sid) as f:
+                if self.feat_key not in f:
+                    missing_feat.append(sid)
+        if missing_feat:
+            raise DatasetError(
+                f"{root}: {len(missing_feat)} slide(s) lack {self.feat_key} (e.g. {missing_feat[0]}); run "
+                f"`pathvl embed {root} --encoder {features}` first"
+            )
+        dec = build_decomposer(decomposer) if isinstance(decomposer, str) else decomposer
+        self.slide_ids = list(ids)
+        self.captions: list[str] = []
+        self.subcaptions: list[list[str]] = []
+        for sid in self.slide_ids:
+            t = all_texts[sid]
+            subs = list(t.subcaptions) if t.subcaptions is not None else dec(t.caption)
+            subs = [s.strip() for s in subs if s is not None]
+            if not subs or any(not s for s in subs):
+                raise DatasetError(
+                    f"slide {sid}: empty sub-caption list or an empty sub-caption ({subs!r}) from caption "
+                    f"{t.caption!r}; every slide needs at least one non-empty sub-caption"
+                )
+            self.captions.append(t.caption.strip())
+            self.subcaptions.append(subs)
+        # per-slide static info: rows kept, level-0 size, feature width
+        self._rows: list[np.ndarray] = []
+        self._size: list[tuple[float, float]] = []
+        self.feature_dim = 0
+        for sid in self.slide_ids:
+            with self.ds.open(sid) as f:
+                n = len(f[K.COORDS])
+                rows = np.arange(n)
+                if self.mags:
+                    m = f[K.MAGNIFICATION][:]
+                    rows = np.flatnonzero(np.isin(m, np.asarray(self.mags, dtype=m.dtype)))
+                if len(rows) == 0:
+                    raise DatasetError(f"slide {sid}: no patches{' at ' + str(self.mags) if self.mags else ''}")
+                size = f.attrs.get(K.ATTR_SLIDE_SIZE)
+                self.feature_dim = int(f[self.feat_key].shape[1])
+            if size is None:
+                raise DatasetError(f"{self.ds.path(sid)}: no {K.ATTR_SLIDE_SIZE} attribute; re-tile the slide")
+            self._rows.append(rows)
+            self._size.append((float(size[0]), float(size[1])))
+        self._files: dict[int, h5py.File] = {}
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-draw the random patch and sub-caption samples (call once per epoch)."""
+        self.epoch = int(epoch)
+
+    def _file(self, i: int) -> h5py.File:
+        f = self._files.get(i)
+        if f is None:
+            f = self._files[i] = h5py.File(self.ds.path(self.slide_ids[i]), "r")
+        return f
+
+    def close(self) -> None:
+        """Close the slide files opened by this process."""
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def __getstate__(self) -> dict:  # open HDF5 handles do not cross process boundaries
+        d = self.__dict__.copy()
+        d["_files"] = {}
+        return d
+
+    def feature_stats(self, max_patches: int = 200_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Per-dimension mean and standard deviation of the patch features (of up to ``max_patches`` patches
+        drawn evenly from the slides), for :meth:`pathvl.models.pathflip.PathFLIP.set_feature_stats`."""
+        rng = np.random.default_rng(seed)
+        per = max(1, max_patches // max(1, len(self)))
+        total = np.zeros(self.feature_dim)
+        sq = np.zeros(self.feature_dim)
+        n = 0
+        for i in range(len(self)):
+            rows = self._rows[i]
+            if len(rows) > per:
+                rows = np.sort(rng.choice(rows, per, replace=False))
+            x = self._file(i)[self.feat_key][rows].astype(np.float64)
+            total += x.sum(0)
+            sq += (x * x).sum(0)
+            n += len(x)
+        mean = total / n
+        std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0))
+        return mean.astype(np.float32), std.astype(np.float32)
+
+    def patch_rows(self, i: int) -> np.ndarray:
+        """Rows of slide ``i`` that an item draws from (all patches at the kept magnifications)."""
+        return self._rows[i]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        """One slide.
+
+        Returns:
+            ``features (n, D)`` float32, ``coords (n, 2)`` float32 patch centres in ``[0, 1]``, ``rows (n,)``
+            int64 rows in the slide file, ``caption`` str, ``subcaptions`` list of ``K`` str (padded with
+            ""), ``subcaption_mask`` list of ``K`` bool, ``index`` int, ``slide_id`` str.
+        """
+        from pathvl.text.decompose import select_subcaptions
+
+        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
+        rows = self._rows[i]
+        n = len(rows)
+        if self.max_patches and n > self.max_patches:
+            if rng is not None:
+                pick = np.sort(rng.choice(n, self.max_patches, replace=False))
+            else:
+                pick = np.unique(np.linspace(0, n - 1, self.max_patches).round().astype(np.int64))
+            rows = rows[pick]
+        f = self._file(i)
+        contiguous = len(rows) == rows[-1] - rows[0] + 1
+        sl = slice(int(rows[0]), int(rows[-1]) + 1)
+        feats = f[self.feat_key][sl] if contiguous else f[self.feat_key][rows]
+        coords = f[K.COORDS][sl] if contiguous else f[K.COORDS][rows]
+        mags = f[K.MAGNIFICATION][sl] if contiguous else f[K.MAGNIFICATION][rows]
+        fps = footprints(f)
+        fp = np.array([fps.get(float(m), 0.0) for m in mags], np.float64)
+        w, h = self._size[i]
+        centre = (coords.astype(np.float64) + fp[:, None] / 2.0) / np.array([w, h])
+        subs, mask = select_subcaptions(self.subcaptions[i], self.n_subcaptions, rng)
+        return {
+            "features": np.asarray(feats, dtype=np.float32), "coords": centre.astype(np.float32),
+            "rows": rows.astype(np.int64), "caption": self.captions[i], "subcaptions": subs,
+            "subcaption_mask": mask, "index": i, "slide_id": self.slide_ids[i],
+        }
+
+
+def collate_slides(items: Sequence[Mapping[str, Any]], tokenizer: Any, max_tokens: int = 64,
+                   pad_to: int | None = None, dedupe_subcaptions: bool = True,
+                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Pad slides into one batch and tokenise their texts.
+
+    Identical sub-captions of different slides (same words, case and spacing ignored) would be each
+    other's negatives in :class:`~pathvl.losses.RegionAlignLoss` while being the same text: a target no
+    region can meet, which leaves the region attention unconstrained. With ``dedupe_subcaptions`` such a
+    text is kept for one of its slides only, drawn at random (torch's generator), and masked for the
+    others in this batch; across batches every slide gets its turn.
+
+    Args:
+        items: From :class:`SlideDataset` (each with ``K`` sub-captions; all the same ``K``).
+        tokenizer: The model's text tokenizer (``model.tokenizer``).
+        max_tokens: Truncation of captions and sub-captions.
+        pad_to: Pad the patch axis to this length (default: the longest slide of the batch).
+        dedupe_subcaptions: Keep a sub-caption shared by several slides for one of them only (see above).
+        generator: Random generator of that choice (default: torch's global one).
+
+    Returns:
+        ``features (B, N, D)`` float32 (zeros at padding), ``patch_mask (B, N)`` bool (True for real
+        patches), ``coords (B, N, 2)`` float32, ``rows (B, N)`` int64 (-1 at padding), ``caption_ids`` /
+        ``caption_mask (B, L)``, ``subcap_ids`` / ``subcap_attn (B, K, Ls)``, ``subcap_mask (B, K)`` bool,
+        ``index (B,)`` int64 (dataset index of each slide).
+
+    Raises:
+        DatasetError: An item without patches, or with no valid sub-caption.
+    """
+    from pathvl.text.tokenize import tokenize
+
+    if not items:
+        raise ValueError("collate_slides: empty batch")
+    B = len(items)
+    lens = [len(it["features"]) for it in items]
+    if min(lens) == 0:
+        raise DatasetError(f"slide {items[lens.index(0)].get('slide_id', '?')} has no patches")
+    N = max(lens) if pad_to is None else int(pad_to)
+    if max(lens) > N:
+        raise ValueError(f"pad_to={pad_to} is shorter than the longest slide ({max(lens)} patches)")
+    D = int(np.asarray(items[0]["features"]).shape[1])
+    Kn = len(items[0]["subcaptions"])
+    feats = torch.zeros(B, N, D)
+    coords = torch.zeros(B, N, 2)
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    rows = torch.full((B, N), -1, dtype=torch.long)
+    subs: list[str] = []
+    smask = torch.zeros(B, Kn, dtype=torch.bool)
+    for b, it in enumerate(items):
+        n = lens[b]
+        feats[b, :n] = torch.as_tensor(np.asarray(it["features"], dtype=np.float32))
+        coords[b, :n] = torch.as_tensor(np.asarray(it["coords"], dtype=np.float32))
+        mask[b, :n] = True
+        rows[b, :n] = torch.as_tensor(np.asarray(it["rows"], dtype=np.int64))
+        if len(it["subcaptions"]) != Kn:
+            raise ValueError("collate_slides: every item needs the same number of sub-captions")
+        m = [bool(v) for v in it["subcaption_mask"]]
+        if not any(m):
+            raise DatasetError(f"slide {it.get('slide_id', '?')}: empty sub-caption list")
+        subs += list(it["subcaptions"])
+        smask[b] = torch.tensor(m)
+    if dedupe_subcaptions and B > 1:
+        groups: dict[str, list[tuple[int, int]]] = {}
+        for b in range(B):
+            for k in range(Kn):
+                if smask[b, k]:
+                    groups.setdefault(" ".join(subs[b * Kn + k].lower().split()), []).append((b, k))
+        for places in groups.values():
+            if len({b for b, _ in places}) > 1:
+                keep = int(torch.randint(len(places), (1,), generator=generator))
+                for j, (b, k) in enumerate(places):
+                    if j != keep:
+                        smask[b, k] = False
+    cap = tokenize(tokenizer, [it["caption"] for it in items], max_length=max_tokens)
+    st = tokenize(tokenizer, subs, max_length=max_tokens)
+    return {
+        "features": feats, "patch_mask": mask, "coords": coords, "rows": rows,
+        "caption_ids": cap["input_ids"], "caption_mask": cap["attention_mask"],
+        "subcap_ids": st["input_ids"].view(B, Kn, -1), "subcap_attn": st["attention_mask"].view(B, Kn, -1),
+        "subcap_mask": smask, "index": torch.tensor([int(it.get("index", b)) for b, it in enumerate(items)]),
+    }
+
+
+# ------------------------------------------------------------------------------ synthetic captions
+_PHRASES = {"adipose": "adipose tissue", "lymphocytes": "lymphocytes", "necrosis": "necrosis",
+            "tumor": "tumor", "stroma": "stroma", "mucosa": "mucosa"}
+
+
+def _where(cx: float, cy: float) -> str:
+    col = 0 if cx < 1 / 3 else (2 if cx > 2 / 3 else 1)
+    row = 0 if cy < 1 / 3 else (2 if cy > 2 / 3 else 1)
+    return [["upper left", "top", "upper right"], ["left", "centre", "right"],
+            ["lower left", "bottom", "lower right"]][row][col]
+
+
+def caption_from_ground_truth(gt: Any, min_fraction: float = 0.01) -> str:
+    """A slide caption from a synthetic slide's ground truth, one finding per class.
+
+    For every class covering at least ``min_fraction`` of the slide, largest first: ``"<class> in the
+    <position>"`` where the position (upper left, top, ..., centre, ..., lower right) is the class's
+    centroid on a 3x3 grid; findings are joined by ``"; "``, e.g. ``"tumor in the upper left; adipose
+    tissue in the lower right"``.
+
+    Args:
+        gt: A :class:`pathvl.data.synthetic.GroundTruth`.
+        min_fraction: Classes smaller than this fraction of the slide area are left out.
+    """
+    labels = np.asarray(gt.labels)
+    h, w = labels.shape
+    total = labels.size
+    parts = []
+    for k, name in enumerate(gt.classes, start=1):
+        ys, xs = np.nonzero(labels == k)
+        if len(ys) < min_fraction * total or len(ys) == 0:
+            continue
+        where = _where((xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h)
+        parts.append((len(ys), f"{_PHRASES.get(name, name)} in the {where}"))
+    if not parts:
+        return "no tissue"
+    return "; ".join(p for _, p in sorted(parts, key=lambda t: -t[0]))
