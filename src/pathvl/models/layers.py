@@ -93,7 +93,7 @@ class FusionEncoder(nn.Module):
         heads: Attention heads.
         layers: Number of blocks.
         ff: MLP hidden width (default ``4 * d``).
-        cross_every: Cross-attention in every ``cross_every``-th block (1 = all, 2 = every other).
+        cross_every: Cross-attention in every ``cross_every``-th block (1 = all, 2 = every other, 0 = none).
         dropout: Dropout.
     """
 
@@ -101,7 +101,8 @@ class FusionEncoder(nn.Module):
                  dropout: float = 0.0) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            FusionLayer(d, heads, ff or 4 * d, cross=(i % cross_every == 0), dropout=dropout) for i in range(layers)
+            FusionLayer(d, heads, ff or 4 * d, cross=cross_every > 0 and i % cross_every == 0, dropout=dropout)
+            for i in range(layers)
         )
         self.norm = nn.LayerNorm(d)
 
@@ -178,7 +179,7 @@ class PrefixLMDecoder(nn.Module):
         self.in_proj = nn.Identity() if self.embed.embedding_dim == d else nn.Linear(self.embed.embedding_dim, d)
         self.pos = nn.Parameter(torch.zeros(1, max_len, d))
         nn.init.normal_(self.pos, std=0.02)
-        self.blocks = FusionEncoder(d, heads, layers, cross_every=10**9)  # self-attention only
+        self.blocks = FusionEncoder(d, heads, layers, cross_every=0)  # self-attention only
         self.head = nn.Linear(d, vocab_size)
         self.max_len = max_len
 
