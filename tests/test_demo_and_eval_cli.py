@@ -109,3 +109,18 @@ def test_bad_inputs(demo, tmp_path, capsys):
     (other / latest / "trainer.json").write_text(json.dumps(meta))
     assert main(["zeroshot", "--checkpoint", str(other), "--data", str(CRC_TILES), "--prompts", prompts]) == 2
     assert "pathflip" in _err(capsys)
+
+
+def test_slide_zeroshot_topj_cli(demo, tmp_path):
+    """MR-PLIP slide zero-shot: MI-Zero top-j pooling, every j reported."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\nsynthetic-0,tumor\nsynthetic-1,adipose\n")
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"name": "two", "classes": {"tumor": ["tumor"], "adipose": ["adipose tissue"]},
+                                   "templates": ["low-power view at 5x: CLASSNAME", "high-power view at 40x: CLASSNAME"]}))
+    out = tmp_path / "zs"
+    assert main(["zeroshot", "--checkpoint", str(demo / "runs" / "mrplip-demo"), "--dataset", str(demo / "data"),
+                 "--slide-labels", str(labels), "--prompts", str(prompts), "--out", str(out)]) == 0
+    rep = json.loads((out / "zeroshot_slides.json").read_text())
+    assert rep["js"] == [1, 5, 10, 50, 100] and rep["num_slides"] == 2
+    assert set(rep["topj"]) == {"1", "5", "10", "50", "100"}

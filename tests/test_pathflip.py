@@ -345,7 +345,7 @@ def test_state_dict_roundtrip_keeps_feature_stats(tmp_path):
     path = tmp_path / "m.pt"
     torch.save(m.state_dict(), path)
     m2 = build_pathflip(PathFLIPConfig.tiny(feature_dim=8))
-    m2.load_state_dict(torch.load(path))
+    m2.load_state_dict(torch.load(path, weights_only=True))
     assert torch.equal(m2.feature_std, torch.full((8,), 2.0))
     b = _random_batch(m)
     with torch.no_grad():
@@ -372,3 +372,28 @@ def test_the_training_engine_runs_the_family(synthetic, tmp_path):
     res = pretrain(cfg)
     assert res.step == 4 and res.checkpoint is not None
     assert len(res.history) == 4 and all(np.isfinite(r["loss"]) for r in res.history)
+
+    # the slide-level commands take the checkpoint as it is
+    import json
+
+    from pathvl.cli import main
+
+    run, root = str(res.run_dir), str(synthetic["root"])
+    assert main(["retrieve", "--checkpoint", run, "--dataset", root, "--texts", str(texts),
+                 "--out", str(tmp_path / "ret")]) == 0
+    rep = json.loads((tmp_path / "ret" / "retrieval.json").read_text())
+    assert rep["n_images"] == len(synthetic["texts"]) and 0 <= rep["image_to_text"]["R@1"] <= 1
+    labels = tmp_path / "labels.csv"
+    names = sorted(synthetic["texts"])
+    labels.write_text("slide_id,label\n" + "".join(f"{s},{'tumor' if i % 2 else 'stroma'}\n"
+                                                     for i, s in enumerate(names)))
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"name": "two", "classes": {"tumor": ["tumor"], "stroma": ["stroma"]},
+                                   "templates": ["CLASSNAME"]}))
+    assert main(["zeroshot", "--checkpoint", run, "--dataset", root, "--slide-labels", str(labels),
+                 "--prompts", str(prompts), "--out", str(tmp_path / "zs")]) == 0
+    zs = json.loads((tmp_path / "zs" / "zeroshot_slides.json").read_text())
+    assert zs["n"] == len(names)
+    assert main(["heatmap", names[0], "--dataset", root, "--checkpoint", run, "--text", "tumor",
+                 "--out", str(tmp_path / "hm")]) == 0
+    assert (tmp_path / "hm" / f"{names[0]}.heatmap0.png").stat().st_size > 0

@@ -245,7 +245,10 @@ def _run_pretrain(a: argparse.Namespace) -> int:
 ZEROSHOT_EXAMPLE = """example:
   pathvl zeroshot --checkpoint runs/mrplip --data ~/data/CRC-VAL-HE-7K --benchmark crc_val_he_7k
   pathvl zeroshot --checkpoint runs/mrplip --data tiles/ --prompts my_prompts.json --out reports/zs
+  pathvl zeroshot --checkpoint runs/mrplip --dataset data/grid --slide-labels labels.csv --prompts crc
   pathvl zeroshot --list                                   # benchmarks and built-in prompt sets
+slide level (--dataset + --slide-labels): MR-PLIP uses MI-Zero top-j pooling of patch scores (every j is
+reported); PathFLIP and PathAlign score their slide embeddings.
 """
 
 
@@ -267,6 +270,8 @@ def _add_zeroshot(sub) -> None:
     p.add_argument("--split", default=None, help="benchmark split")
     p.add_argument("--prompts", default=None, help="built-in prompt set or JSON file (ours or CONCH-style)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    p.add_argument("--dataset", default=None, help="slide level: an embedded dataset folder")
+    p.add_argument("--slide-labels", default=None, help="slide level: CSV of slide_id,label")
     p.add_argument("--list", action="store_true", help="list benchmarks and prompt sets and exit")
     _add_eval_common(p)
     p.set_defaults(func=_run_zeroshot)
@@ -290,8 +295,17 @@ def _run_zeroshot(a: argparse.Namespace) -> int:
         print(describe_all())
         print("\nbuilt-in prompt sets: " + ", ".join(builtin_prompt_sets()))
         return 0
+    if a.checkpoint and a.dataset and a.slide_labels:
+        from pathvl.eval.apply import zeroshot_slides
+
+        if not a.prompts:
+            raise argparse.ArgumentTypeError("slide-level zero-shot needs --prompts")
+        rep = zeroshot_slides(a.checkpoint, a.dataset, a.slide_labels, a.prompts, n_bootstrap=a.bootstrap)
+        _write(rep, a.out, "zeroshot_slides", f"Slide zero-shot: {a.dataset}")
+        return 0
     if not a.checkpoint or not a.data:
-        raise argparse.ArgumentTypeError("give --checkpoint RUN and --data TILES (or --list)")
+        raise argparse.ArgumentTypeError("give --checkpoint RUN and --data TILES, or --dataset DATA --slide-labels "
+                                         "CSV (or --list)")
     from pathvl.eval.apply import zeroshot_tiles
 
     rep = zeroshot_tiles(a.checkpoint, a.data, prompts=a.prompts, benchmark=a.benchmark, split=a.split,
@@ -326,22 +340,28 @@ def _run_probe(a: argparse.Namespace) -> int:
 
 def _add_retrieve(sub) -> None:
     p = sub.add_parser("retrieve", help="image-text retrieval Recall@1/5/10",
-                       description="Retrieval between a dataset's patches and their captions.",
-                       epilog="example:\n  pathvl retrieve --checkpoint runs/mrplip --dataset data/heldout\n",
+                       description="Retrieval between a dataset's patches and their captions (MR-PLIP), or "
+                                   "between slides and their captions or reports (PathFLIP, PathAlign: --texts).",
+                       epilog="example:\n  pathvl retrieve --checkpoint runs/mrplip --dataset data/heldout\n"
+                              "  pathvl retrieve --checkpoint runs/pathflip --dataset data/grid --texts captions.csv\n",
                        formatter_class=_Formatter)
     p.add_argument("--dataset", required=True, help="dataset folder with features and captions")
     p.add_argument("--captions", default=None, help="captions name (default: the one the model trained on)")
     p.add_argument("--max-items", type=int, default=5000, help="at most this many caption/patch pairs")
+    p.add_argument("--texts", default=None, help="slide level: CSV/JSONL of slide_id and caption or report")
     _add_eval_common(p)
     p.set_defaults(func=_run_retrieve)
 
 
 def _run_retrieve(a: argparse.Namespace) -> int:
-    from pathvl.eval.apply import retrieve_patches
+    from pathvl.eval.apply import retrieve_patches, retrieve_slides
 
     if not a.checkpoint:
         raise argparse.ArgumentTypeError("give --checkpoint RUN")
-    rep = retrieve_patches(a.checkpoint, a.dataset, captions=a.captions, max_patches=a.max_items)
+    if a.texts:
+        rep = retrieve_slides(a.checkpoint, a.dataset, a.texts)
+    else:
+        rep = retrieve_patches(a.checkpoint, a.dataset, captions=a.captions, max_patches=a.max_items)
     _write(rep, a.out, "retrieval", "Retrieval")
     return 0
 

@@ -237,3 +237,125 @@ def retrieve_patches(checkpoint: str | Path, dataset: str | Path, *, captions: s
     rep["model"] = {"checkpoint": str(checkpoint), "family": lm.family, "captions": captions,
                     "protocol": "one random patch per distinct caption"}
     return rep
+
+
+# ------------------------------------------------------------------------------------------ slide level
+SLIDE_FAMILIES = ("pathflip", "pathalign")
+
+
+def _slide_model(checkpoint: str | Path):
+    """``(family, model, meta, features)`` of a slide-level checkpoint (PathFLIP or PathAlign)."""
+    from pathvl.train.checkpoint import CheckpointError, find_checkpoint, load_model, read_meta
+
+    try:
+        meta = read_meta(find_checkpoint(checkpoint))
+    except (CheckpointError, FileNotFoundError, OSError, ValueError) as e:
+        raise EvalError(f"{checkpoint}: not a pathvl checkpoint ({e})") from e
+    family = meta.get("family", "")
+    if family not in SLIDE_FAMILIES:
+        raise EvalError(f"{checkpoint}: checkpoint is a {family} model, slide-level evaluation needs "
+                        "pathflip or pathalign")
+    if family == "pathalign":
+        from pathvl.models.pathalign import load_pathalign
+
+        model, meta = load_pathalign(checkpoint)
+    else:
+        model, meta = load_model(checkpoint)
+    model.eval()
+    features = meta.get("config", {}).get("data", {}).get("features", "colour-texture")
+    return family, model, meta, features
+
+
+def _slide_embeddings(family: str, model, dataset: str | Path, texts: str | Path, features: str,
+                      slide_ids: list[str] | None = None) -> dict[str, Any]:
+    if family == "pathalign":
+        from pathvl.models.pathalign import build_report_dataset, embed_slides
+
+        ds = build_report_dataset(dataset, texts, features, slide_ids=slide_ids, train=False)
+        return embed_slides(model, ds)
+    from pathvl.data.slidedata import SlideDataset
+    from pathvl.models.pathflip import embed_slides
+
+    ds = SlideDataset(dataset, texts, features, slide_ids=slide_ids, train=False)
+    out = embed_slides(model, ds)
+    out["text_emb"] = out.pop("caption_emb")
+    return out
+
+
+def retrieve_slides(checkpoint: str | Path, dataset: str | Path, texts: str | Path) -> dict[str, Any]:
+    """Slide-to-text and text-to-slide Recall@1/5/10 (and top-1/top-3) for a PathFLIP or PathAlign model.
+
+    Args:
+        checkpoint: Run folder.
+        dataset: Embedded dataset folder (the full grid).
+        texts: CSV/JSONL of slide_id and caption or report.
+    """
+    family, model, _, features = _slide_model(checkpoint)
+    emb = _slide_embeddings(family, model, dataset, texts, features)
+    if family == "pathalign":
+        from pathvl.models.pathalign import retrieval_metrics
+
+        rep = retrieval_metrics(emb["slide_emb"], emb["text_emb"])
+    else:
+        from pathvl.eval.retrieval import retrieval_recall
+
+        rep = retrieval_recall(emb["slide_emb"], emb["text_emb"])
+    rep["model"] = {"checkpoint": str(checkpoint), "family": family, "slides": len(emb["slide_ids"])}
+    return rep
+
+
+def zeroshot_slides(checkpoint: str | Path, dataset: str | Path, labels: str | Path, prompts: str,
+                    js: tuple[int, ...] = (1, 5, 10, 50, 100), n_bootstrap: int = 0) -> dict[str, Any]:
+    """Slide-level zero-shot classification from a CSV of ``slide_id,label``.
+
+    MR-PLIP: MI-Zero top-j pooling of patch scores (Lu et al., "Visual language pretrained multiple
+    instance zero-shot transfer", CVPR 2023), reported for every j. PathFLIP / PathAlign: the slide
+    embedding against the class prompt ensembles.
+    """
+    from pathvl.data.dataset import Dataset
+    from pathvl.eval.metrics import classification_report
+    from pathvl.eval.tiles import read_table
+    from pathvl.eval.zeroshot import build_class_weights, load_prompt_set, slide_zeroshot_report
+
+    rows = read_table(labels)
+    if not rows or not {"slide_id", "label"} <= set(rows[0]):
+        raise EvalError(f"{labels}: expected a table with columns slide_id,label")
+    ds = Dataset(dataset)
+    known = set(ds.slide_ids())
+    missing = [r["slide_id"] for r in rows if r["slide_id"] not in known]
+    if missing:
+        raise EvalError(f"{labels}: slides not in {dataset}: {missing[:5]}")
+    classes = sorted({r["label"] for r in rows})
+    ps = load_prompt_set(prompts, labels=classes)
+    y = [classes.index(r["label"]) for r in rows]
+    ids = [r["slide_id"] for r in rows]
+    from pathvl.train.checkpoint import find_checkpoint, read_meta
+
+    family = read_meta(find_checkpoint(checkpoint)).get("family", "")
+    if family == "mrplip":
+        from pathvl import _const as K
+        from pathvl.data.embed import feature_name
+
+        lm = load_checkpoint(checkpoint)
+        weights = build_class_weights(lm.encode_text, ps)
+        key = f"{K.FEATURES}/{feature_name(lm.features)}"
+        ds.require(K.FEATURES, feature_name(lm.features), f"pathvl embed {dataset} --encoder {lm.features}")
+        patch = []
+        with torch.no_grad():
+            for sid in ids:
+                with ds.open(sid) as f:
+                    patch.append(lm.model.encode_image(torch.from_numpy(f[key][:].astype(np.float32))))
+        rep = slide_zeroshot_report(patch, y, weights, classes, js=js, n_bootstrap=n_bootstrap)
+    else:
+        fam, model, _, features = _slide_model(checkpoint)
+        # texts are not used for classification; the datasets want one per slide
+        emb = _slide_embeddings(fam, model, dataset, {s: "slide" for s in ids}, features, slide_ids=ids)
+        if fam == "pathalign":
+            from pathvl.models.pathalign import zeroshot_slides as zs
+        else:
+            from pathvl.models.pathflip import slide_zeroshot as zs
+        pred, scores = zs(model, emb["slide_emb"], ps)
+        rep = classification_report(np.asarray(y), pred.numpy(), scores.double().numpy(), class_names=classes,
+                                    n_bootstrap=n_bootstrap)
+    rep["model"] = {"checkpoint": str(checkpoint), "family": family, "prompts": ps.name}
+    return rep
