@@ -116,8 +116,9 @@ def test_slide_zeroshot_topj_cli(demo, tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("slide_id,label\nsynthetic-0,tumor\nsynthetic-1,adipose\n")
     prompts = tmp_path / "p.json"
+    templates = ["low-power view at 5x: CLASSNAME", "high-power view at 40x: CLASSNAME"]
     prompts.write_text(json.dumps({"name": "two", "classes": {"tumor": ["tumor"], "adipose": ["adipose tissue"]},
-                                   "templates": ["low-power view at 5x: CLASSNAME", "high-power view at 40x: CLASSNAME"]}))
+                                   "templates": templates}))
     out = tmp_path / "zs"
     assert main(["zeroshot", "--checkpoint", str(demo / "runs" / "mrplip-demo"), "--dataset", str(demo / "data"),
                  "--slide-labels", str(labels), "--prompts", str(prompts), "--out", str(out)]) == 0
