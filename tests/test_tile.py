@@ -133,6 +133,7 @@ def test_fast_path_equals_plain_path(tmp_path, slides, which):
         plan = plan_from_dataset(spec, a[K.ATTR_MPP], tuple(a[K.ATTR_MAGS_DONE]), t["coords"][t["parent"] < 0])
         reader = BagReader(slide, plan)
         assert reader.reads_per_bag < plan.bag_size
+        assert reader.tiff is not None and reader.tiff.levels  # the direct TIFF tile decoder is exercised
         for root in plan.roots:
             fast, plain = reader.read(root), reader.read_plain(root)
             assert fast.shape == plain.shape == (plan.bag_size, spec.patch_px, spec.patch_px, 3)

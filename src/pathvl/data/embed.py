@@ -6,9 +6,9 @@ For every slide, every patch goes through a frozen vision encoder and lands in
 Pixels come from the stored JPEGs when the dataset has them (``pathvl tile --store-pixels``), otherwise
 from the slide through the fast bag reader. DataLoader workers decode and cut patches; the uint8 batch
 goes to the device, where it is resized and normalised (:meth:`VisionEncoder.preprocess_batch`) and run
-in the encoder's preferred precision (bf16 autocast, channels-last) on a GPU. Slides are sharded over
-ranks (``RANK``/``WORLD_SIZE`` or ``--shard``); a slide whose features are complete is skipped, so an
-interrupted job resumes where it stopped.
+in the encoder's preferred precision (weights cast to it, autocast, channels-last) on a GPU. Slides are
+sharded over ranks (``RANK``/``WORLD_SIZE`` or ``--shard``); a slide whose features are complete is
+skipped, so an interrupted job resumes where it stopped.
 """
 
 from __future__ import annotations
