@@ -417,6 +417,22 @@ def test_write_report_and_engine_loader(trained: dict, tmp_path: Path) -> None:
         assert torch.allclose(m2.encode_slide(f), m.encode_slide(f), atol=1e-6)
 
 
+def test_cli_retrieve_and_report(trained: dict, tmp_path: Path) -> None:
+    import json
+
+    from pathvl.cli import main
+
+    root, run = trained["root"], str(trained["run"].run_dir)
+    assert main(["retrieve", "--checkpoint", run, "--dataset", str(root / "ds"), "--texts", str(root / "reports.csv"),
+                 "--out", str(tmp_path / "ret")]) == 0
+    rep = json.loads((tmp_path / "ret" / "retrieval.json").read_text())
+    assert rep["n_slides"] == 8 and rep["slide_to_report"]["R@1"] > rep["chance_R@1"]
+    sid = trained["dataset"].slide_ids[0]
+    assert main(["report", sid, "--dataset", str(root / "ds"), "--checkpoint", run, "--out", str(tmp_path / "rep"),
+                 "--max-new-tokens", "12"]) == 0
+    assert (tmp_path / "rep" / f"{sid}.report.txt").read_text().strip()
+
+
 def test_dataset_errors_name_the_fix(trained: dict, tmp_path: Path) -> None:
     from pathvl.data.dataset import DatasetError
 

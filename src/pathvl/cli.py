@@ -425,7 +425,7 @@ def _run_report(a: argparse.Namespace) -> int:
 
     model, meta = load_pathalign(a.checkpoint)
     features = meta.get("config", {}).get("data", {}).get("features", "colour-texture")
-    reports = a.reports if a.reports else {a.slide: ""}
+    reports = a.reports if a.reports else {a.slide: "(no reference report given)"}
     ds = build_report_dataset(a.dataset, reports, features, slide_ids=[a.slide], train=False)
     path = write_slide_report(model, ds, a.slide, a.out, context=a.context, max_new_tokens=a.max_new_tokens,
                               num_beams=a.beams)

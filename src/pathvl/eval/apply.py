@@ -49,13 +49,13 @@ class LoadedModel:
         return torch.cat(out)
 
 
-def load_checkpoint(path: str | Path, families: tuple[str, ...] = TILE_FAMILIES) -> LoadedModel:
-    """Load a run folder or checkpoint folder written by ``pathvl pretrain``.
+def checkpoint_family(path: str | Path, families: tuple[str, ...]) -> str:
+    """The model family of a checkpoint, checked against the families a command can use.
 
     Raises:
-        EvalError: Not a checkpoint, or a model family this command cannot use.
+        EvalError: Not a checkpoint, or a family outside ``families``.
     """
-    from pathvl.train.checkpoint import CheckpointError, find_checkpoint, load_model, read_meta
+    from pathvl.train.checkpoint import CheckpointError, find_checkpoint, read_meta
 
     try:
         meta = read_meta(find_checkpoint(path))
@@ -64,6 +64,18 @@ def load_checkpoint(path: str | Path, families: tuple[str, ...] = TILE_FAMILIES)
     family = meta.get("family", "")
     if family not in families:
         raise EvalError(f"{path}: checkpoint is a {family} model, this command needs {' or '.join(families)}")
+    return family
+
+
+def load_checkpoint(path: str | Path, families: tuple[str, ...] = TILE_FAMILIES) -> LoadedModel:
+    """Load a run folder or checkpoint folder written by ``pathvl pretrain``.
+
+    Raises:
+        EvalError: Not a checkpoint, or a model family this command cannot use.
+    """
+    from pathvl.train.checkpoint import load_model
+
+    family = checkpoint_family(path, families)
     model, meta = load_model(path)
     model.eval()
     features = meta.get("config", {}).get("data", {}).get("features", "colour-texture")
@@ -245,16 +257,9 @@ SLIDE_FAMILIES = ("pathflip", "pathalign")
 
 def _slide_model(checkpoint: str | Path):
     """``(family, model, meta, features)`` of a slide-level checkpoint (PathFLIP or PathAlign)."""
-    from pathvl.train.checkpoint import CheckpointError, find_checkpoint, load_model, read_meta
+    from pathvl.train.checkpoint import load_model
 
-    try:
-        meta = read_meta(find_checkpoint(checkpoint))
-    except (CheckpointError, FileNotFoundError, OSError, ValueError) as e:
-        raise EvalError(f"{checkpoint}: not a pathvl checkpoint ({e})") from e
-    family = meta.get("family", "")
-    if family not in SLIDE_FAMILIES:
-        raise EvalError(f"{checkpoint}: checkpoint is a {family} model, slide-level evaluation needs "
-                        "pathflip or pathalign")
+    family = checkpoint_family(checkpoint, SLIDE_FAMILIES)
     if family == "pathalign":
         from pathvl.models.pathalign import load_pathalign
 
@@ -329,9 +334,7 @@ def zeroshot_slides(checkpoint: str | Path, dataset: str | Path, labels: str | P
     ps = load_prompt_set(prompts, labels=classes)
     y = [classes.index(r["label"]) for r in rows]
     ids = [r["slide_id"] for r in rows]
-    from pathvl.train.checkpoint import find_checkpoint, read_meta
-
-    family = read_meta(find_checkpoint(checkpoint)).get("family", "")
+    family = checkpoint_family(checkpoint, TILE_FAMILIES + SLIDE_FAMILIES)
     if family == "mrplip":
         from pathvl import _const as K
         from pathvl.data.embed import feature_name
