@@ -143,7 +143,8 @@ def test_lcs_and_bleu_match_naive_implementations() -> None:
 
 def test_caption_metrics_on_strings() -> None:
     assert tokenize_caption("Tumor, in the LEFT; adipose-tissue!") == _w("tumor in the left adipose tissue")
-    same = caption_metrics(["tumor in the left; stroma in the right"], ["Tumor in the left. Stroma in the right."], meteor=False)
+    same = caption_metrics(["tumor in the left; stroma in the right"], ["Tumor in the left. Stroma in the right."],
+                           meteor=False)
     for key in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L"):
         assert same[key] == pytest.approx(1.0)
     m = caption_metrics(["tumor in the left", "necrosis"],
