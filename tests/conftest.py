@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pathvl.data.synthetic import SyntheticSlide, write_synthetic_slide
+
+
+def _shared_data() -> Path:
+    """The project's shared real data: ``../shared/data`` beside the checkout (as in CI), or /work/shared/data."""
+    for cand in (Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data")):
+        if cand.is_dir():
+            return cand
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+#: ../shared/data (see its SOURCES.md); tests that read it skip when it is absent.
+SHARED_DATA = _shared_data()
 
 
 @pytest.fixture(scope="session")

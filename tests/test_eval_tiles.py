@@ -11,12 +11,13 @@ from xml.sax.saxutils import escape
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 from PIL import Image
 
 from pathvl.eval import benchmarks as B
 from pathvl.eval import tiles as T
 
-CRC_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiles" / "crc_val_he_7k_sample"
+CRC_SAMPLE = SHARED_DATA / "tiles" / "crc_val_he_7k_sample"
 CRC = ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
 needs_sample = pytest.mark.skipif(not (CRC_SAMPLE / "labels.csv").exists(), reason="CRC sample not available")
 

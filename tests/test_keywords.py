@@ -5,9 +5,9 @@ from __future__ import annotations
 import csv
 import re
 import time
-from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 from pathvl._const import KEYWORD_SEP
 from pathvl.text import lexicon as lx
@@ -20,7 +20,7 @@ from pathvl.text.keywords import (
     split_keywords,
 )
 
-NOTES_CSV = Path("/work/shared/data/text/captions/gtex_aidp2021_pathology_notes.csv")
+NOTES_CSV = SHARED_DATA / "text/captions/gtex_aidp2021_pathology_notes.csv"
 ADMIN = {"piece", "aliquot", "specimen", "mm", "cm", "thickness", "analysis", "review"}
 
 

