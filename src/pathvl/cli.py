@@ -442,7 +442,7 @@ def _add_demo(sub) -> None:
                        formatter_class=_Formatter)
     p.add_argument("--out", default="pathvl-demo", help="work folder (reruns reuse finished stages)")
     p.add_argument("--quick", action="store_true", help="a smaller setting (what the test suite runs)")
-    p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: 250, quick: 40)")
+    p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: 150, quick: 80)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_demo)
 

@@ -36,7 +36,7 @@ def _settings(quick: bool, steps: int | None) -> dict[str, Any]:
              "config": "mrplip-tiny"}
     else:
         s = {"train_seeds": (0, 1, 2, 3), "size": (4096, 4096), "parents": 16, "heldout_parents": 30,
-             "steps": 250, "config": "mrplip-cpu"}
+             "steps": 150, "config": "mrplip-cpu"}
     s["heldout_seed"] = 10
     s["patch_px"] = 64
     if steps is not None:
