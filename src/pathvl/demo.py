@@ -74,14 +74,14 @@ def _labelled_patches(root: Path, slide_path: Path, min_frac: float = 0.9) -> di
             "jpegs": None if jpegs is None else jpegs[keep], "classes": list(gt.classes)}
 
 
-def _zeroshot_scores(model, texts_fn, feats: np.ndarray, classes: list[str]) -> np.ndarray:
+def _zeroshot_inputs(model, texts_fn, feats: np.ndarray, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image embeddings (N, E), class weights (C, E))`` with the built-in ``synthetic`` prompt set."""
     from pathvl.eval.zeroshot import build_class_weights, load_prompt_set
 
-    ps = load_prompt_set("synthetic", labels=classes)
-    w = build_class_weights(texts_fn, ps)
+    w = build_class_weights(texts_fn, load_prompt_set("synthetic", labels=classes))
     with torch.no_grad():
         img = model.encode_image(torch.from_numpy(feats))
-    return (img @ w.T).numpy()
+    return img, w
 
 
 def _loss_plot(metrics: Path, out: Path) -> Path:
@@ -115,6 +115,7 @@ def run_demo(out: str | Path = "pathvl-demo", *, quick: bool = False, steps: int
     from pathvl.eval.apply import histogram_baseline, load_checkpoint, retrieve_patches, zeroshot_tiles
     from pathvl.eval.metrics import balanced_accuracy, weighted_f1
     from pathvl.eval.report import write_report
+    from pathvl.eval.tiles import color_histogram_features
     from pathvl.eval.zeroshot import load_prompt_set
     from pathvl.models.mrplip import MRPLIP
     from pathvl.slide.tiling import TileSpec
@@ -175,27 +176,23 @@ def run_demo(out: str | Path = "pathvl-demo", *, quick: bool = False, steps: int
         with torch.no_grad():
             return rnd.encode_text(rnd.tokenize(texts))
 
-    scores = {"MR-PLIP (demo pretraining)": _zeroshot_scores(lm.model, lm.encode_text, lab["features"], classes),
-              "same architecture, random init": _zeroshot_scores(rnd, rnd_text, lab["features"], classes)}
+    inputs = {"MR-PLIP (demo pretraining)": _zeroshot_inputs(lm.model, lm.encode_text, lab["features"], classes),
+              "same architecture, random init": _zeroshot_inputs(rnd, rnd_text, lab["features"], classes)}
     synth: dict[str, Any] = {"n_tiles": len(y), "classes": classes, "chance_balanced_accuracy": 1 / len(classes),
                              "models": {}}
-    for name, sc in scores.items():
-        pred = sc.argmax(1)
+    for name, (img, w) in inputs.items():
+        pred = (img @ w.T).argmax(1).numpy()
         per_mag = {f"{m:g}x": weighted_f1(y[lab["mags"] == m], pred[lab["mags"] == m])
                    for m in sorted(set(lab["mags"].tolist()))}
         synth["models"][name] = {"f1_weighted": weighted_f1(y, pred), "balanced_accuracy": balanced_accuracy(y, pred),
                                  "f1_weighted_per_magnification": per_mag}
-    imgs = [decode_jpeg(j) for j in lab["jpegs"]]
+    hists = color_histogram_features([decode_jpeg(j) for j in lab["jpegs"]])
     synth["baselines"] = {"colour histogram, leave-one-out nearest centroid (supervised)":
-                          histogram_baseline(imgs, y)}
+                          histogram_baseline(hists, y)}
     from pathvl.eval.zeroshot import zeroshot_report
 
-    ps = load_prompt_set("synthetic", labels=classes)
-    from pathvl.eval.zeroshot import build_class_weights
-
-    with torch.no_grad():
-        emb = lm.model.encode_image(torch.from_numpy(lab["features"]))
-    zs_report = zeroshot_report(emb, y, build_class_weights(lm.encode_text, ps), classes)
+    trained_img, trained_w = inputs["MR-PLIP (demo pretraining)"]
+    zs_report = zeroshot_report(trained_img, y, trained_w, classes)
     zs_report["baselines"] = synth["baselines"]
     write_report(report_dir, zs_report, name="zeroshot_synthetic", title="Zero-shot, held-out synthetic tiles")
 

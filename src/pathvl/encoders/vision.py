@@ -389,7 +389,7 @@ def _build_timm(
     _random_init: bool = False,
     **model_kwargs: Any,
 ) -> VisionEncoder:
-    """Build ``timm:<arch>`` with local weights (never ``pretrained=True``).
+    """Build ``timm:<arch>`` with local weights only (timm is never asked to fetch anything).
 
     Args:
         arch: timm architecture name, e.g. ``vit_base_patch16_224``.

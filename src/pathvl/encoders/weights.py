@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from pickle import UnpicklingError  # only to recognise torch.load(weights_only=True) refusing a file
 
 import torch
 from torch import nn
@@ -90,7 +90,7 @@ def _read_torch(path: Path) -> object:
     try:
         # zip checkpoints (torch.save) are memory-mapped: tensors are paged in once, when used
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as exc:
+    except UnpicklingError as exc:
         # weights_only=True raises this both for pickles that reference code (a __reduce__ calling
         # os.system, a custom class) and for garbage; either way nothing was executed.
         raise ValueError(
