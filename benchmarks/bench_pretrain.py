@@ -73,15 +73,17 @@ def count_flops(config: str, overrides: list[str]) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pathvl.train.config import get_family, load_config
-    from pathvl.train.distributed import DistInfo
+    from pathvl.dist import DistInfo
+    from pathvl.families import get_family, load_config
 
     cfg = load_config(config, overrides)
     fam = get_family(cfg.family)
     dist = DistInfo(0, 1, 0)
-    model = fam.build_model(cfg, dist)
+    data = fam.build_data(cfg, dist)
+    fam.complete_config(cfg, data)
+    model = fam.model_from_config(cfg.model, list(cfg.active_losses))
     losses = fam.build_losses(cfg, dist)
-    batch = next(iter(fam.build_data(cfg, dist)))
+    batch = next(iter(data))
     with FlopCounterMode(display=False) as fc:
         out = model(batch)
         total = sum(w * losses[k](**out) for k, w in cfg.losses.items() if w > 0)

@@ -176,7 +176,7 @@ def feature_width(cfg: Any, override: int) -> int:
 
 def build(config: str, overrides: list[str], feature_dim: int, device: Any) -> tuple[Any, Any, Any, Any, Any]:
     """``(cfg, model, TrainModule, optimizer, schedule)`` for a packaged config, on ``device``."""
-    from pathvl.train.config import get_family, load_config
+    from pathvl.families import get_family, load_config
     from pathvl.train.engine import TrainModule, _active_losses, build_optimizer, seed_everything
     from pathvl.train.schedule import WarmupCosine
 
@@ -184,17 +184,9 @@ def build(config: str, overrides: list[str], feature_dim: int, device: Any) -> t
     fam = get_family(cfg.family)
     seed_everything(0)
     cfg.model = replace(cfg.model, feature_dim=feature_width(cfg, feature_dim))
-    active = tuple(k for k, w in cfg.losses.items() if w > 0)
-    if cfg.family == "pathflip":
-        from pathvl.models.pathflip import build_pathflip
-
-        model = build_pathflip(cfg.model, losses=active)
-    elif cfg.family == "pathalign":
-        from pathvl.models.pathalign import PathAlign
-
-        model = PathAlign(replace(cfg.model, init_from=""), active=active)
-    else:
+    if fam.kind != "slide":
         raise SystemExit(f"{config}: family {cfg.family!r} is not a slide-level family ({FAMILIES})")
+    model = fam.model_from_config(cfg.model, list(cfg.active_losses))
     losses = _active_losses(cfg, fam.build_losses(cfg, None))
     module = TrainModule(model, losses).to(device)
     module.train()
@@ -218,7 +210,7 @@ def make_items(n_slides: int, n_patches: int, dim: int, n_sub: int, seed: int) -
         subs, smask = select_subcaptions(decompose_caption(caption), n_sub, rng)
         items.append({
             "features": rng.standard_normal((n_patches, dim), dtype=np.float32),
-            "coords": rng.random((n_patches, 2), dtype=np.float32),
+            "pos": rng.random((n_patches, 2), dtype=np.float32),
             "rows": np.arange(n_patches, dtype=np.int64), "caption": caption, "subcaptions": subs,
             "subcaption_mask": smask, "index": i, "slide_id": f"bench-{seed}-{i}", "context": "",
         })
@@ -232,7 +224,8 @@ def make_batch(cfg: Any, model: Any, n_slides: int, n_patches: int, seed: int) -
 
         items = make_items(n_slides, n_patches, cfg.model.feature_dim, cfg.data.n_subcaptions, seed)
         return collate_slides(items, model.tokenizer, max_tokens=cfg.model.max_text_tokens)
-    from pathvl.models.pathalign import PromptTokenizer, bridge_config, collate_pathalign
+    from pathvl.families.pathalign import PromptTokenizer, collate_pathalign
+    from pathvl.models.pathalign import bridge_config
 
     items = make_items(n_slides, n_patches, cfg.model.feature_dim, 1, seed)
     ptok = None
@@ -265,7 +258,7 @@ def inference_autocast(device: Any) -> Any:
 
 
 def heatmap_fn(model: Any, batch: dict[str, Any], device: Any, mode: str) -> Any:
-    f, m, c = (batch[k][:1].to(device) for k in ("features", "patch_mask", "coords"))
+    f, m, c = (batch[k][:1].to(device) for k in ("features", "patch_mask", "pos"))
 
     def run() -> None:
         with inference_autocast(device):
@@ -276,13 +269,13 @@ def heatmap_fn(model: Any, batch: dict[str, Any], device: Any, mode: str) -> Any
 
 
 def generate_fn(model: Any, batch: dict[str, Any], device: Any, n_slides: int, tokens: int) -> Any:
-    from pathvl.models.pathalign import generate_reports
+    from pathvl.eval.reports import generate_reports
 
-    f, m, c = (batch[k][:n_slides].to(device) for k in ("features", "patch_mask", "coords"))
+    f, m, c = (batch[k][:n_slides].to(device) for k in ("features", "patch_mask", "pos"))
 
     def run() -> None:
         with inference_autocast(device):
-            out = generate_reports(model, f, m, max_new_tokens=tokens, coords=c)
+            out = generate_reports(model, f, m, max_new_tokens=tokens, pos=c)
         assert len(out) == f.shape[0]
 
     return run
@@ -541,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sizes = ("tiny", "cpu") if dev == "cpu" else ("cpu", "base")
         configs = [f"{f}-{s}" for f in fams for s in sizes]
-    from pathvl.train.config import load_config
+    from pathvl.families import load_config
 
     fam_of = {c: load_config(c).family for c in configs}
     if a.mem_configs is not None:

@@ -127,7 +127,7 @@ def vm_mib(field: str = "VmRSS") -> float:
 # ------------------------------------------------------------------------------------------ slides and plans
 def synthetic_slide(work: Path, size: int) -> Path:
     """A generated 40x slide of ``size`` x ``size`` px, written once and reused."""
-    from pathvl.data.synthetic import write_synthetic_slide
+    from pathvl.synthetic import write_synthetic_slide
 
     path = work / f"synthetic-40x-{size}.svs"
     if not path.exists():

@@ -67,7 +67,7 @@ def run_losses(batch: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
 
 
 def main(out_dir: str) -> None:
-    from pathvl.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, is_main
+    from pathvl.dist import DistInfo, all_reduce_mean, barrier, init_distributed, is_main
 
     torch.set_num_threads(1)
     info = init_distributed(backend="gloo", timeout_s=60)

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from pathvl.train.config import DataConfig, TrainConfig, load_config, register_family
-from pathvl.train.distributed import DistInfo
-from pathvl.train.engine import StepLoader
+from pathvl.config import DataConfig, TrainConfig
+from pathvl.data.loader import StepLoader
+from pathvl.dist import DistInfo
+from pathvl.families import Family, load_config, register_family
 
 FAMILY = "toy"
 
@@ -132,12 +133,29 @@ def build_losses(cfg: TrainConfig, dist: DistInfo) -> dict[str, nn.Module]:
     return {"mse": MSE(), "l1": L1(), "uw": Uncertainty()}
 
 
-register_family(
-    FAMILY, ToyModelConfig, build_model, build_data, build_losses,
-    data_config_cls=ToyDataConfig, loss_names=("mse", "l1", "uw"),
-)
-# A second family, for the family-mismatch check.
-register_family("toy2", ToyModelConfig, build_model, build_data, build_losses, data_config_cls=ToyDataConfig)
+@register_family
+class ToyFamily(Family):
+    name = FAMILY
+    model_config = ToyModelConfig
+    data_config = ToyDataConfig
+    loss_names = ("mse", "l1", "uw")
+
+    def model_from_config(self, model_cfg, losses=None):
+        return ToyModel(model_cfg)
+
+    def build_data(self, cfg, dist):
+        return build_data(cfg, dist)
+
+    def build_losses(self, cfg, dist):
+        return build_losses(cfg, dist)
+
+
+@register_family
+class Toy2Family(ToyFamily):
+    """A second family, for the family-mismatch check."""
+
+    name = "toy2"
+    loss_names = None
 
 
 def toy_config(out_dir: str, *overrides: str) -> TrainConfig:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pathvl.data.synthetic import SyntheticSlide, write_synthetic_slide
+from pathvl.synthetic import SyntheticSlide, write_synthetic_slide
 
 
 def _shared_data() -> Path:

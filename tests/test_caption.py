@@ -14,12 +14,12 @@ import pytest
 from pathvl import _const as K
 from pathvl.data.caption import MAX_CAPTION_CHARS, caption_dataset, clean_caption, read_captions
 from pathvl.data.dataset import Dataset, DatasetError
-from pathvl.data.synthetic import load_ground_truth, write_synthetic_slide
+from pathvl.synthetic import load_ground_truth, write_synthetic_slide
 from pathvl.data.tiler import TileOptions, encode_jpeg, tile_slides
 from pathvl.slide.bags import read_patch
 from pathvl.slide.reader import open_slide
 from pathvl.slide.tiling import TileSpec
-from pathvl.text.captioners import (
+from pathvl.data.captioners import (
     Captioner,
     build_captioner,
     list_captioners,

@@ -10,16 +10,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _train_worker as toy
 
-from pathvl.train import config as config_mod
-from pathvl.train.config import (
-    ConfigError,
-    OptimConfig,
-    RunConfig,
-    config_hash,
-    load_config,
-    parse_override,
-    save_config,
-)
+from pathvl.config import ConfigError, OptimConfig, RunConfig, config_hash, parse_override, save_config
+from pathvl.config import files as config_mod
+from pathvl.families import load_config
 
 MINIMAL = {"family": "toy", "losses": {"mse": 1.0}}
 

@@ -136,7 +136,7 @@ def test_lm_decomposer_with_a_tiny_random_lm_falls_back_to_rules():
     from transformers import AutoTokenizer
 
     from pathvl.encoders.text import minilm_path
-    from pathvl.models.lm_bridge import tiny_causal_lm
+    from pathvl.models.causal_lm import tiny_causal_lm
 
     tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     dec = LMDecomposer((tiny_causal_lm(tok), tok), max_new_tokens=8)

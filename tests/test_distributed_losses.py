@@ -1,7 +1,7 @@
 """Parity of the gathered contrastive losses: 2 gloo processes vs one process on the whole batch.
 
 Each rank holds half of the batch and returns ``L_r`` (its local rows against all gathered columns).
-Convention checked here (see :mod:`pathvl.train.distributed`):
+Convention checked here (see :mod:`pathvl.dist`):
 
 * ``mean_r L_r`` equals the single-process loss ``L`` on the concatenated batch;
 * the gradient of a rank's local shard equals ``world_size * dL/dx`` on those rows (the gather's backward
@@ -119,7 +119,7 @@ def test_gathered_loss_matches_single_process(name: str, rank_results: list[dict
 
 
 def test_dist_info_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pathvl.train.distributed import DistInfo
+    from pathvl.dist import DistInfo
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
         monkeypatch.delenv(var, raising=False)
@@ -139,7 +139,7 @@ def test_dist_info_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_single_process_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pathvl.train import distributed as D
+    from pathvl import dist as D
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
         monkeypatch.delenv(var, raising=False)

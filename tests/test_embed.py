@@ -17,7 +17,7 @@ from pathvl import _const as K
 from pathvl.cli import main
 from pathvl.data.dataset import Dataset, DatasetError
 from pathvl.data.embed import embed_dataset
-from pathvl.data.synthetic import write_synthetic_slide
+from pathvl.synthetic import write_synthetic_slide
 from pathvl.data.tiler import TileOptions, decode_jpeg, tile_slides
 from pathvl.encoders import build_vision
 from pathvl.slide.bags import BagReader

@@ -29,7 +29,7 @@ from pathvl.encoders import (
     vision_entry,
 )
 from pathvl.encoders import vision as V
-from pathvl.text.tokenize import IGNORE_INDEX, mask_tokens, special_tokens_mask, tokenize
+from pathvl.text.tokenize import IGNORE_INDEX, mask_with_tokenizer, special_tokens_mask, tokenize
 
 BUILDABLE_VISION = list_vision(needs_weights=False)
 TEXT = list_text(needs_weights=False)
@@ -345,7 +345,7 @@ def test_tokenize_masks(text_encoders):
     assert special[tok["attention_mask"] == 0].all()  # padding
     assert torch.equal(special, special_tokens_mask(ids, tokenizer))
     big = ids.repeat(200, 1)
-    masked, labels = mask_tokens(big, tokenizer, probability=0.3, generator=torch.Generator().manual_seed(0))
+    masked, labels = mask_with_tokenizer(big, tokenizer, probability=0.3, generator=torch.Generator().manual_seed(0))
     sel = labels != IGNORE_INDEX
     big_special = special.repeat(200, 1)
     assert not (sel & big_special).any()

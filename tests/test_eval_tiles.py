@@ -178,12 +178,14 @@ def test_read_table_xlsx_equals_csv(tmp_path):
     _write_xlsx(tmp_path / "t.xlsx", rows)
     with open(tmp_path / "t.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
-    from_xlsx = T.read_table(tmp_path / "t.xlsx")
-    assert from_xlsx == T.read_table(tmp_path / "t.csv")
-    assert from_xlsx[1]["image_name"] == "b & c.jpg"
-    with pytest.raises(ValueError, match=r"unknown format '\.parquet'"):
+    from pathvl.data.tables import TableError, read_table
+
+    from_xlsx = read_table(tmp_path / "t.xlsx")
+    assert from_xlsx.rows == read_table(tmp_path / "t.csv").rows and from_xlsx.columns == rows[0]
+    assert from_xlsx.rows[1]["image_name"] == "b & c.jpg"
+    with pytest.raises(TableError, match=r"unknown table format '\.parquet'"):
         (tmp_path / "t.parquet").write_text("x")
-        T.read_table(tmp_path / "t.parquet")
+        read_table(tmp_path / "t.parquet")
 
 
 def test_sicap_layout_with_xlsx_partition(tmp_path):

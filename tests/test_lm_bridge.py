@@ -12,19 +12,17 @@ from torch import nn
 
 from pathvl.eval.vqa import MCQItem, evaluate_mcq, exact_match, format_mcq, parse_choice, read_mcq
 from pathvl.losses import LMLoss
+from pathvl.data.instructions import InstructionDataset, collate_instructions
+from pathvl.models.causal_lm import tiny_causal_lm, word_level_tokenizer
 from pathvl.models.lm_bridge import (
     BridgeConfig,
-    InstructionDataset,
     LMBridge,
     LoRALinear,
     PathFLIPInstruct,
     apply_lora,
-    collate_instructions,
     default_lora_targets,
     lora_parameters,
     select_patches,
-    tiny_causal_lm,
-    word_level_tokenizer,
 )
 from pathvl.models.pathflip import PathFLIPConfig, build_pathflip
 
@@ -246,7 +244,7 @@ def test_exact_match_format_and_read(tmp_path):
 
 
 def test_any_local_causal_lm_folder_loads(tmp_path):
-    from pathvl.models.lm_bridge import load_causal_lm
+    from pathvl.models.causal_lm import load_causal_lm
 
     tok = word_level_tokenizer(["describe this slide ."])
     lm = tiny_causal_lm(tok, hidden=16, layers=1)

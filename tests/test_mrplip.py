@@ -13,9 +13,12 @@ from pathvl.data.caption import caption_dataset
 from pathvl.data.dataset import DatasetError
 from pathvl.data.embed import embed_dataset
 from pathvl.data.tiler import TileOptions, tile_slides
-from pathvl.models.mrplip import LOSS_NAMES, MRPLIP, MRPLIPConfig, build_losses, text_tokenizer
+from pathvl.families import get_family
+from pathvl.models.mrplip import LOSS_NAMES, MRPLIP, MRPLIPConfig
+from pathvl.models.text_backbone import text_tokenizer
 from pathvl.slide.tiling import TileSpec
-from pathvl.train.config import ConfigError, load_config
+from pathvl.config import ConfigError
+from pathvl.families import load_config
 
 TINY = {"text_encoder": "tiny-text", "width": 32, "fusion_layers": 1, "fusion_heads": 2, "decoder_layers": 1,
         "embed_dim": 16, "simsiam_dim": 16, "simsiam_hidden": 8, "top_k": 2, "max_caption_tokens": 24,
@@ -47,7 +50,7 @@ def _bag(n_mags: int, d: int = 12, seed: int = 0) -> dict:
 
 
 def test_collate_mixed_bag_sizes():
-    tok = text_tokenizer(MRPLIPConfig(**TINY))
+    tok = text_tokenizer(MRPLIPConfig(**TINY).text_encoder)
     a, b = _bag(4), _bag(3, seed=1)  # 85 patches, and 21 (a 20x scan whose 40x was skipped)
     b["keywords"] = ["adipose"] * 21
     batch = collate_bags([a, b], tok, max_caption_tokens=24)
@@ -82,7 +85,7 @@ def test_forward_all_losses_and_backward():
     model = _model()
     batch = collate_bags([_bag(4), _bag(3, seed=1)], model.tokenizer, max_caption_tokens=24)
     out = model(batch)
-    losses = build_losses(load_config("mrplip-tiny"), None)
+    losses = get_family("mrplip").build_losses(load_config("mrplip-tiny"), None)
     total = 0
     for name in LOSS_NAMES:
         v = losses[name](**out)

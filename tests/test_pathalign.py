@@ -12,31 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pathvl.losses import LMLoss, QFormerITCLoss
-from pathvl.models.pathalign import (
-    PathAlign,
-    PathAlignConfig,
-    PromptTokenizer,
-    ReportError,
-    UnsupportedLMError,
-    beam_search,
-    build_prompt,
-    build_report_dataset,
-    check_lm_dir,
-    check_report,
-    embed_slides,
-    evaluate_reports,
-    generate_reports,
-    itm_negatives,
-    load_pathalign,
-    multimodal_causal_mask,
-    query_text_similarity,
-    read_reports,
-    retrieval_metrics,
-    topk_accuracy,
-    write_slide_report,
-    zeroshot_slides,
-)
+from pathvl.data.reports import build_report_dataset, read_reports
+from pathvl.eval.loading import load_for_eval
+from pathvl.eval.reports import evaluate_reports, generate_reports, write_slide_report
+from pathvl.eval.slides import embed_slides, retrieve_slides, slide_scores, topk_accuracy
+from pathvl.families.pathalign import PromptTokenizer
+from pathvl.losses import LMLoss, QFormerITCLoss, itm_pairs
+from pathvl.models.causal_lm import UnsupportedLMError, check_lm_dir
+from pathvl.models.decoding import beam_search
+from pathvl.models.pathalign import PathAlign, PathAlignConfig, build_prompt
+from pathvl.models.qformer import multimodal_causal_mask, query_text_similarity
+from pathvl.text.reports import ReportError, check_report
 
 CLASSES = ("tumor", "stroma", "lymphocytes", "necrosis", "adipose", "mucosa")
 REPORTS = ["tumor in the left; stroma in the right", "adipose tissue in the left", "necrosis", "tumor in the left; "
@@ -107,9 +93,13 @@ def test_itm_hard_negatives_never_pick_the_positive_or_the_same_text(model: Path
     same[0, 3] = same[3, 0] = True  # slides 0 and 3 share their report text
     for _ in range(200):
         sim = torch.randn(n, n, generator=g) * 5 + 50 * torch.eye(n)  # positives by far the most similar
-        neg_txt, neg_img = itm_negatives(sim, same, generator=g)
-        assert not bool((neg_txt == torch.arange(n)).any()) and not bool((neg_img == torch.arange(n)).any())
-        assert not bool(same[torch.arange(n), neg_txt].any()) and not bool(same[neg_img, torch.arange(n)].any())
+        img, txt, lab = itm_pairs(sim, same | torch.eye(n, dtype=torch.bool), generator=g)
+        assert lab.tolist() == [1] * n + [0] * (2 * n)
+        assert (img[:n] == txt[:n]).all() and (img[n:] != txt[n:]).all()  # positives, then negatives
+        assert not bool(same[img[n:], txt[n:]].any())  # never a pair with the same report text
+    # no admissible negative anywhere (every text identical): no pairs at all, and ITM is 0
+    img, txt, lab = itm_pairs(torch.randn(3, 3, generator=g), torch.ones(3, 3, dtype=torch.bool))
+    assert len(img) == len(txt) == len(lab) == 0
     # through the model: negative pairs join different slides and different texts
     b = _batch(model)
     out = model(b)
@@ -311,7 +301,8 @@ def test_bad_lm_folders_and_bad_features(tmp_path: Path, model: PathAlign) -> No
 
 
 def test_packaged_configs_validate() -> None:
-    from pathvl.train.config import ConfigError, load_config
+    from pathvl.config import ConfigError
+    from pathvl.families import load_config
 
     for name, queries in (("pathalign-tiny", 8), ("pathalign-cpu", 8), ("pathalign-base", 32)):
         cfg = load_config(name)
@@ -336,9 +327,9 @@ def trained(tmp_path_factory) -> dict:
     200 steps of the tiny stage-1 config."""
     from pathvl.data.embed import embed_dataset
     from pathvl.data.slidedata import caption_from_ground_truth
-    from pathvl.data.synthetic import load_ground_truth, write_synthetic_slide
     from pathvl.data.tiler import TileOptions, tile_slides
     from pathvl.slide.tiling import TileSpec
+    from pathvl.synthetic import load_ground_truth, write_synthetic_slide
     from pathvl.train.engine import pretrain
 
     root = tmp_path_factory.mktemp("pathalign")
@@ -359,9 +350,9 @@ def trained(tmp_path_factory) -> dict:
         w.writerows(rows)
     run = pretrain("pathalign-tiny", [f"data.dataset={root / 'ds'}", f"data.reports={root / 'reports.csv'}",
                                       f"run.out_dir={root / 'runs'}", "run.progress=false", "run.device=cpu"])
-    m, _ = load_pathalign(run.run_dir)
+    ev = load_for_eval(run.run_dir)
     ds = build_report_dataset(root / "ds", root / "reports.csv", "colour-texture", train=False)
-    return {"root": root, "run": run, "model": m, "dataset": ds, "truth": truth}
+    return {"root": root, "run": run, "model": ev.model, "ev": ev, "dataset": ds, "truth": truth}
 
 
 def _mentions(text: str) -> set[str]:
@@ -370,12 +361,14 @@ def _mentions(text: str) -> set[str]:
 
 
 def test_tiny_run_retrieves_and_writes_reports_far_above_chance(trained: dict) -> None:
-    m, ds, truth = trained["model"], trained["dataset"], trained["truth"]
+    m, ds, truth, evm = trained["model"], trained["dataset"], trained["truth"], trained["ev"]
+    root = trained["root"]
     assert trained["run"].history[-1]["loss"] < trained["run"].history[0]["loss"]
-    emb = embed_slides(m, ds)
-    r = retrieval_metrics(emb["slide_emb"], emb["text_emb"])
-    chance = r["chance_R@1"]  # 1/8
-    assert r["slide_to_report"]["R@1"] >= 4 * chance and r["report_to_slide"]["R@1"] >= 4 * chance
+    emb = embed_slides(evm, root / "ds", root / "reports.csv")
+    assert emb["slide_emb"].shape == (8, m.cfg.num_queries, m.cfg.embed_dim) and emb["slide_ids"] == ds.slide_ids
+    r = retrieve_slides(evm, root / "ds", root / "reports.csv")
+    chance = 1 / 8
+    assert r["image_to_text"]["R@1"] >= 4 * chance and r["text_to_image"]["R@1"] >= 4 * chance
     ev = evaluate_reports(m, ds, max_new_tokens=20, meteor=False)
     reports = [row["report"] for row in ev["reports"]]
     ids = ds.slide_ids
@@ -390,7 +383,8 @@ def test_tiny_run_retrieves_and_writes_reports_far_above_chance(trained: dict) -
     assert ev["metrics"]["BLEU-1"] > 0.5 and 0 < ev["metrics"]["ROUGE-L"] <= 1
     # zero-shot: the best class of every slide (prompt ensembles) is present more often than chance (2/6)
     prompts = {c: [f"{c} in the left", f"{c} in the right"] for c in CLASSES}
-    pred, scores = zeroshot_slides(m, emb["slide_emb"], prompts)
+    scores = slide_scores(evm, root / "ds", prompts, ids)["slide"]
+    pred = scores.argmax(1)
     assert scores.shape == (len(ids), 6)
     present = sum(CLASSES[p] in truth[s] for p, s in zip(pred.tolist(), ids)) / len(ids)
     assert present > 2 / 6
@@ -400,8 +394,6 @@ def test_tiny_run_retrieves_and_writes_reports_far_above_chance(trained: dict) -
 
 
 def test_write_report_and_engine_loader(trained: dict, tmp_path: Path) -> None:
-    from pathvl.train.checkpoint import load_model
-
     m, ds = trained["model"], trained["dataset"]
     path = write_slide_report(m, ds, "s2", tmp_path / "reports")
     rec = json.loads(path.read_text())
@@ -409,7 +401,8 @@ def test_write_report_and_engine_loader(trained: dict, tmp_path: Path) -> None:
     assert (tmp_path / "reports" / "s2.report.txt").read_text().strip() == rec["report"]
     with pytest.raises(KeyError):
         write_slide_report(m, ds, "nope", tmp_path)
-    m2, meta = load_model(trained["run"].run_dir, family="pathalign")
+    ev2 = load_for_eval(trained["run"].run_dir)
+    m2, meta = ev2.model, ev2.meta
     assert meta["config"]["model"]["feature_dim"] == ds.feature_dim
     x = ds[0]
     f = torch.as_tensor(x["features"])[None]
@@ -426,7 +419,7 @@ def test_cli_retrieve_and_report(trained: dict, tmp_path: Path) -> None:
     assert main(["retrieve", "--checkpoint", run, "--dataset", str(root / "ds"), "--texts", str(root / "reports.csv"),
                  "--out", str(tmp_path / "ret")]) == 0
     rep = json.loads((tmp_path / "ret" / "retrieval.json").read_text())
-    assert rep["n_slides"] == 8 and rep["slide_to_report"]["R@1"] > rep["chance_R@1"]
+    assert rep["n_images"] == 8 and rep["image_to_text"]["R@1"] > 1 / 8
     sid = trained["dataset"].slide_ids[0]
     assert main(["report", sid, "--dataset", str(root / "ds"), "--checkpoint", run, "--out", str(tmp_path / "rep"),
                  "--max-new-tokens", "12"]) == 0
@@ -459,7 +452,7 @@ def test_stage2_trains_from_the_stage1_run(trained: dict) -> None:
         "losses.itc=0", "losses.itm=0", "losses.itg=0", "losses.lm=1",
     ])
     assert all(math.isfinite(h["loss_lm"]) for h in run.history)
-    m2, _ = load_pathalign(run.run_dir)
+    m2 = load_for_eval(run.run_dir).model
     m1 = trained["model"]
     assert m2.bridge is not None
     assert torch.equal(m2.qformer.word_embeddings.weight, m1.qformer.word_embeddings.weight)  # frozen, from stage 1

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pathvl.data.dataset import DatasetError
+from pathvl.data.tables import TableError
 from pathvl.data.slidedata import (
     SlideDataset,
     SlideText,
@@ -19,14 +20,10 @@ from pathvl.data.slidedata import (
     collate_slides,
     read_slide_texts,
 )
-from pathvl.models.pathflip import (
-    PathFLIPConfig,
-    build_pathflip,
-    build_pathflip_losses,
-    embed_slides,
-    slide_retrieval,
-    slide_zeroshot,
-)
+from pathvl.eval.loading import EvalModel
+from pathvl.eval.slides import embed_slides, retrieve_slides, slide_scores
+from pathvl.families.pathflip import build_pathflip_losses
+from pathvl.models.pathflip import PathFLIPConfig, build_pathflip
 
 FEATURES = "colour-texture"
 # Two stain/layout groups (seed 0 blobs: regions top/bottom; seed 1 grid: left/right); every class in three
@@ -50,7 +47,7 @@ def _one_thread():
 def synthetic(tmp_path_factory) -> dict:
     """Six 1024 px slides at 0.5 um/px, tiled at 20x / 128 px with all parents, embedded with colour-texture."""
     from pathvl.data.embed import embed_dataset
-    from pathvl.data.synthetic import load_ground_truth, write_synthetic_slide
+    from pathvl.synthetic import load_ground_truth, write_synthetic_slide
     from pathvl.data.tiler import TileOptions, tile_slides
     from pathvl.slide.tiling import TileSpec
 
@@ -78,7 +75,7 @@ def _random_batch(model, B: int = 3, N: int = 12, K: int = 3, D: int = 8, seed: 
     mask[1, 5:] = False
     feats = torch.randn(B, N, D, generator=g)
     feats[~mask] = 0.0
-    return {"features": feats, "patch_mask": mask, "coords": torch.rand(B, N, 2, generator=g),
+    return {"features": feats, "patch_mask": mask, "pos": torch.rand(B, N, 2, generator=g),
             "caption_ids": c["input_ids"], "caption_mask": c["attention_mask"],
             "subcap_ids": s["input_ids"].view(B, K, -1), "subcap_attn": s["attention_mask"].view(B, K, -1),
             "subcap_mask": torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)}
@@ -127,12 +124,12 @@ def test_padding_never_receives_attention(overrides):
         o1, o2 = m(b), m(b2)
         for k in ("image_emb", "text_emb", "region_emb"):
             assert torch.allclose(o1[k], o2[k], atol=1e-5), k
-        P, _ = m.encode_patches(b["features"], b["patch_mask"], b["coords"])
+        P, _ = m.encode_patches(b["features"], b["patch_mask"], b["pos"])
         q = m.encode_text_local(["tumor", "stroma"])[None].expand(3, -1, -1)
         _, attn = m.region_embeddings(P, b["patch_mask"], q)
         assert torch.all(attn[~b["patch_mask"][:, None, :].expand_as(attn)] == 0)
         assert torch.allclose(attn.sum(-1), torch.ones(3, 2), atol=1e-5)
-        s = m.patch_text_scores(b["features"], b["patch_mask"], b["coords"], ["tumor"], mode="attention")
+        s = m.patch_text_scores(b["features"], b["patch_mask"], b["pos"], ["tumor"], mode="attention")
         assert s.shape == (3, 1, 12) and torch.isnan(s[0, 0, 8:]).all() and torch.isfinite(s[0, 0, :8]).all()
 
 
@@ -140,7 +137,7 @@ def test_region_embedding_depends_on_the_query(tiny_model):
     m = tiny_model.eval()
     b = _random_batch(m)
     with torch.no_grad():
-        P, _ = m.encode_patches(b["features"], b["patch_mask"], b["coords"])
+        P, _ = m.encode_patches(b["features"], b["patch_mask"], b["pos"])
         q = m.encode_text_local(["tumor in the top", "adipose tissue in the lower right"])
         r, a = m.region_embeddings(P, b["patch_mask"], q[None].expand(3, -1, -1))
     assert not torch.allclose(r[:, 0], r[:, 1], atol=1e-4)
@@ -182,12 +179,17 @@ def test_config_sizes_and_errors():
         m.set_feature_stats(torch.zeros(3), torch.ones(3))
 
 
-def test_slide_retrieval_keys():
+def test_retrieval_from_similarity_by_hand():
+    from pathvl.eval.retrieval import retrieval_from_similarity, retrieval_recall
+
     img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
     txt = torch.tensor([[1.0, 0.1], [1.0, 0.0], [0.6, 0.8]])
-    r = slide_retrieval(img, txt, ks=(1, 2))
-    assert r == {"i2t_R@1": pytest.approx(1 / 3), "i2t_R@2": pytest.approx(2 / 3),
-                 "t2i_R@1": pytest.approx(2 / 3), "t2i_R@2": pytest.approx(2 / 3)}
+    sim = torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).t()
+    r = retrieval_from_similarity(sim, ks=(1, 2))
+    # hand count: slide 0's text ranks 2nd of 3 (text 1 is closer), slide 1's 3rd, slide 2's 1st
+    assert r["image_to_text"]["R@1"] == pytest.approx(1 / 3) and r["image_to_text"]["R@2"] == pytest.approx(2 / 3)
+    assert r["text_to_image"]["R@1"] == pytest.approx(2 / 3) and r["text_to_image"]["R@2"] == pytest.approx(2 / 3)
+    assert r == retrieval_recall(img, txt, ks=(1, 2))  # the embedding path ranks the same way
 
 
 # ------------------------------------------------------------------------------------- texts / data
@@ -202,7 +204,7 @@ def test_read_slide_texts_csv_jsonl_and_errors(tmp_path):
     (tmp_path / "bad.csv").write_text("name,value\na,b\n")
     with pytest.raises(DatasetError, match="cannot tell which columns"):
         read_slide_texts(tmp_path / "bad.csv")
-    with pytest.raises(DatasetError, match="no column 'foo'"):
+    with pytest.raises(TableError, match="no text column 'foo'"):
         read_slide_texts(csv_path, text_column="foo")
     (tmp_path / "dup.csv").write_text("slide_id,text\na,x\na,y\n")
     with pytest.raises(DatasetError, match="appears twice"):
@@ -212,7 +214,7 @@ def test_read_slide_texts_csv_jsonl_and_errors(tmp_path):
 
 
 def test_caption_from_ground_truth():
-    from pathvl.data.synthetic import GroundTruth
+    from pathvl.synthetic import GroundTruth
 
     labels = np.zeros((30, 30), np.uint8)
     labels[:10, :10] = 1  # upper left
@@ -240,7 +242,7 @@ def test_dataset_bad_input(synthetic):
     with pytest.raises(DatasetError, match=r"pathvl embed .* --encoder tiny-vit"):
         SlideDataset(root, texts, "tiny-vit")
     with pytest.raises(DatasetError, match="empty sub-caption list"):
-        collate_slides([{"features": np.zeros((2, 3)), "coords": np.zeros((2, 2)), "rows": np.arange(2),
+        collate_slides([{"features": np.zeros((2, 3)), "pos": np.zeros((2, 2)), "rows": np.arange(2),
                          "caption": "x", "subcaptions": ["", ""], "subcaption_mask": [False, False],
                          "slide_id": "z"}], tokenizer=None)
 
@@ -249,9 +251,9 @@ def test_heatmap_bad_input(synthetic, tiny_model):
     from pathvl.eval.heatmap import slide_heatmaps
 
     with pytest.raises(DatasetError, match=r"not embedded with 'tiny-vit'.*pathvl embed"):
-        slide_heatmaps(tiny_model, synthetic["root"], "s0", "tumor", "tiny-vit")
+        slide_heatmaps(EvalModel(tiny_model, "pathflip", "tiny-vit"), synthetic["root"], "s0", "tumor")
     with pytest.raises(DatasetError, match="not in the dataset"):
-        slide_heatmaps(tiny_model, synthetic["root"], "s99", "tumor", FEATURES)
+        slide_heatmaps(EvalModel(tiny_model, "pathflip", FEATURES), synthetic["root"], "s99", "tumor")
 
 
 def test_dataset_items_and_collate(synthetic):
@@ -262,8 +264,8 @@ def test_dataset_items_and_collate(synthetic):
     ds = SlideDataset(synthetic["root"], synthetic["texts"], FEATURES, max_patches=20, n_subcaptions=3)
     assert ds.feature_dim == 52 and len(ds) == 6
     it = ds[0]
-    assert it["features"].shape == (20, 52) and it["coords"].shape == (20, 2)
-    assert (it["coords"] >= 0).all() and (it["coords"] <= 1).all()
+    assert it["features"].shape == (20, 52) and it["pos"].shape == (20, 2)
+    assert (it["pos"] >= 0).all() and (it["pos"] <= 1).all()
     assert it["subcaptions"][2] == "" and it["subcaption_mask"] == [True, True, False]
     ds.set_epoch(1)
     assert not np.array_equal(ds[0]["rows"], it["rows"])  # re-drawn per epoch
@@ -310,17 +312,19 @@ def test_end_to_end_retrieval_and_tumor_heatmap(synthetic, tmp_path):
         last = float(loss.detach())
     assert last < 0.5 * first
 
-    emb = embed_slides(model, SlideDataset(root, texts, FEATURES, max_patches=0, train=False))
-    r = slide_retrieval(emb["slide_emb"], emb["caption_emb"])
-    assert r["i2t_R@1"] >= 0.8 and r["t2i_R@1"] >= 0.8  # chance: 1/6
-    pred, scores = slide_zeroshot(model, emb["slide_emb"], {sid: [cap] for sid, cap in texts.items()})
-    assert scores.shape == (6, 6) and (pred == torch.arange(6)).float().mean() >= 0.8
+    ev = EvalModel(model.eval(), "pathflip", FEATURES)
+    emb = embed_slides(ev, root, texts)
+    assert emb["slide_emb"].shape == (6, model.cfg.embed_dim) and emb["slide_ids"] == ds.slide_ids
+    r = retrieve_slides(ev, root, texts)
+    assert r["image_to_text"]["R@1"] >= 0.8 and r["text_to_image"]["R@1"] >= 0.8  # chance: 1/6
+    scores = slide_scores(ev, root, {sid: [cap] for sid, cap in texts.items()}, ds.slide_ids)["slide"]
+    assert scores.shape == (6, 6) and (scores.argmax(1) == torch.arange(6)).float().mean() >= 0.8
 
     aucs, single = [], []
     for sid, gt in gts.items():
         if "tumor" not in gt.classes:
             continue
-        ens, word = slide_heatmaps(model, root, sid, [[f"tumor in the {p}" for p in POSITIONS], "tumor"], FEATURES)
+        ens, word = slide_heatmaps(ev, root, sid, [[f"tumor in the {p}" for p in POSITIONS], "tumor"])
         aucs.append(ens.auroc(gt, "tumor"))
         single.append(word.auroc(gt, "tumor"))
         assert ens.scores.shape == word.scores.shape == (len(ds.patch_rows(ds.slide_ids.index(sid))),)
@@ -334,7 +338,7 @@ def test_end_to_end_retrieval_and_tumor_heatmap(synthetic, tmp_path):
         assert im.mode == "RGB" and max(im.size) == 256
     grid = ens.raster((32, 32))
     assert np.isfinite(grid).any() and np.isnan(grid).any()  # patches and glass
-    hm_attn = slide_heatmaps(model, root, "s0", "tumor", FEATURES, mode="attention")[0]
+    hm_attn = slide_heatmaps(ev, root, "s0", "tumor", mode="attention")[0]
     assert np.isclose(hm_attn.scores.sum(), 1.0, atol=1e-4)
 
 

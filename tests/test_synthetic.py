@@ -13,14 +13,17 @@ import openslide
 import pytest
 import tiffslide
 
-from pathvl.data import synthetic as S
-from pathvl.data.synthetic import (
+from pathvl import synthetic as S
+from pathvl.slide.tissue import hsv
+from pathvl.synthetic import (
     DEFAULT_CLASSES,
     GroundTruth,
     load_ground_truth,
     write_synthetic_slide,
 )
-from pathvl.slide.tissue import hsv
+from pathvl.synthetic import layout as SL
+from pathvl.synthetic import textures as ST
+from pathvl.synthetic import writer as SW
 
 
 def _sha(path) -> str:
@@ -234,7 +237,7 @@ def test_pen_stroke_is_ink_not_tissue(synthetic_slide):
             assert np.median(s) > 0.3
     assert 100 < np.median(hues) < 180  # green
     # the ground truth keeps a margin of glass around the stroke
-    cells = S._cells_near_path(gt.labels.shape, gt.downsample, path, pen["halfwidth_px"])
+    cells = SL._cells_near_path(gt.labels.shape, gt.downsample, path, pen["halfwidth_px"])
     assert cells.sum() > 0 and (gt.labels[cells] == 0).all()
 
 
@@ -244,7 +247,7 @@ def test_deterministic_by_seed(tmp_path):
     a = write_synthetic_slide(tmp_path / "a.svs", seed=7, **kw)
     b = write_synthetic_slide(tmp_path / "b.svs", seed=7, **kw)
     # textures are cached within a process; drawing one again gives the same pixels
-    np.testing.assert_array_equal(S._class_texture("lymphocytes", 0.25, 7), S._class_texture("lymphocytes", 0.25, 7))
+    np.testing.assert_array_equal(ST._class_texture("lymphocytes", 0.25, 7), ST._class_texture("lymphocytes", 0.25, 7))
     c = write_synthetic_slide(tmp_path / "c.svs", seed=8, **kw)
     assert _sha(a.path) == _sha(b.path)
     assert _sha(a.labels_path) == _sha(b.labels_path)
@@ -261,7 +264,7 @@ def test_interrupted_write_leaves_no_slide(tmp_path, monkeypatch):
         tmp.write_bytes(b"half a tiff")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(S, "_write_tiff", boom)
+    monkeypatch.setattr(SW, "_write_tiff", boom)
     with pytest.raises(KeyboardInterrupt):
         write_synthetic_slide(tmp_path / "x.svs", (512, 512), classes=("tumor",))
     assert not list(tmp_path.iterdir())  # no slide, no ground truth, no temporary file
@@ -281,7 +284,7 @@ def test_outputs_written_atomically(synthetic_slide):
 # ------------------------------------------------------------------------------------------------ scale
 _BIG = """
 import json, sys, time
-from pathvl.data.synthetic import write_synthetic_slide
+from pathvl.synthetic import write_synthetic_slide
 t0 = time.perf_counter()
 write_synthetic_slide(sys.argv[1], (20480, 20480), seed=11, pen_mark=True)
 # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak across fork + exec

@@ -16,7 +16,7 @@ from pathvl import _const as K
 from pathvl.assets import ASSETS
 from pathvl.cli import main
 from pathvl.data.dataset import Dataset
-from pathvl.data.synthetic import write_synthetic_slide
+from pathvl.synthetic import write_synthetic_slide
 from pathvl.data.tiler import TileOptions, decode_jpeg, tile_slides
 from pathvl.slide.bags import PARITY_MEAN_ABS, PARITY_P99_ABS, BagReader
 from pathvl.slide.reader import open_slide

@@ -11,7 +11,7 @@ import pytest
 from conftest import SHARED_DATA
 from PIL import Image
 
-from pathvl.data.synthetic import load_ground_truth, write_synthetic_slide
+from pathvl.synthetic import load_ground_truth, write_synthetic_slide
 from pathvl.slide.tissue import (
     TissueParams,
     detect_tissue,

@@ -18,19 +18,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _train_worker as toy
 
-from pathvl.train.checkpoint import (
+from pathvl.data.checkpoint import (
     LATEST,
     CheckpointError,
     find_checkpoint,
-    load_model,
     load_model_weights,
     load_trainer_state,
     split_shared_tensors,
 )
-from pathvl.train.config import ConfigError
+from pathvl.config import ConfigError
+from pathvl.data.loader import StepLoader
+from pathvl.eval.loading import load_for_eval
 from pathvl.train.engine import (
     NonFiniteLossError,
-    StepLoader,
     TrainModule,
     build_optimizer,
     forward_backward,
@@ -191,7 +191,7 @@ def test_checkpoint_contents_and_tied_weights(tmp_path: Path) -> None:
     assert meta["pathvl_version"]
     weights, meta = load_model_weights(ckpt / "model.safetensors")
     assert weights["mid2.weight"] is weights["mid.weight"]  # tied tensor stored once, both names back
-    model, _ = load_model(run_dir, family="toy")
+    model = load_for_eval(run_dir).model
     assert model.mid2.weight is model.mid.weight
     torch.testing.assert_close(model.out.weight, weights["out.weight"])
     tensors, aliases = split_shared_tensors(model.state_dict())

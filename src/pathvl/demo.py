@@ -51,8 +51,7 @@ def _log(msg: str) -> None:
 def _labelled_patches(root: Path, slide_path: Path, min_frac: float = 0.9) -> dict[str, np.ndarray]:
     """Patches of a synthetic slide whose footprint is at least ``min_frac`` one class (the ground truth)."""
     from pathvl.data.dataset import Dataset
-    from pathvl.data.embed import feature_name
-    from pathvl.data.synthetic import load_ground_truth
+    from pathvl.synthetic import load_ground_truth
 
     ds = Dataset(root)
     sid = slide_path.stem
@@ -60,7 +59,7 @@ def _labelled_patches(root: Path, slide_path: Path, min_frac: float = 0.9) -> di
     fps = {float(k): v for k, v in json.loads(ds.attrs(sid)[K.ATTR_FOOTPRINTS]).items()}
     with ds.open(sid) as f:
         coords, mags = f[K.COORDS][:], f[K.MAGNIFICATION][:]
-        feats = f[f"{K.FEATURES}/{feature_name(ENCODER)}"][:].astype(np.float32)
+        feats = f[K.features_key(ENCODER)][:].astype(np.float32)
         jpegs = f[K.PIXELS_JPEG][:] if K.PIXELS_JPEG in f else None
     keep, y = [], []
     for i, ((x, yy), m) in enumerate(zip(coords, mags)):
@@ -109,8 +108,8 @@ def run_demo(out: str | Path = "pathvl-demo", *, quick: bool = False, steps: int
     """Run the demo in ``out`` and return the path of its Markdown report."""
     from pathvl.assets import CMU_SLIDE, CRC_TILES
     from pathvl.data.caption import caption_dataset
+    from pathvl.data.checkpoint import latest_checkpoint, read_meta
     from pathvl.data.embed import embed_dataset
-    from pathvl.data.synthetic import write_synthetic_slide
     from pathvl.data.tiler import TileOptions, decode_jpeg, tile_slides
     from pathvl.eval.apply import histogram_baseline, load_checkpoint, retrieve_patches, zeroshot_tiles
     from pathvl.eval.metrics import balanced_accuracy, weighted_f1
@@ -119,7 +118,7 @@ def run_demo(out: str | Path = "pathvl-demo", *, quick: bool = False, steps: int
     from pathvl.eval.zeroshot import load_prompt_set
     from pathvl.models.mrplip import MRPLIP
     from pathvl.slide.tiling import TileSpec
-    from pathvl.train.checkpoint import latest_checkpoint, read_meta
+    from pathvl.synthetic import write_synthetic_slide
     from pathvl.train.engine import pretrain
 
     t0 = time.perf_counter()
@@ -176,7 +175,7 @@ def run_demo(out: str | Path = "pathvl-demo", *, quick: bool = False, steps: int
         with torch.no_grad():
             return rnd.encode_text(rnd.tokenize(texts))
 
-    inputs = {"MR-PLIP (demo pretraining)": _zeroshot_inputs(lm.model, lm.encode_text, lab["features"], classes),
+    inputs = {"MR-PLIP (demo pretraining)": _zeroshot_inputs(lm.model, lm.encode_texts, lab["features"], classes),
               "same architecture, random init": _zeroshot_inputs(rnd, rnd_text, lab["features"], classes)}
     synth: dict[str, Any] = {"n_tiles": len(y), "classes": classes, "chance_balanced_accuracy": 1 / len(classes),
                              "models": {}}

@@ -1,7 +1,7 @@
 """``pathvl caption``: a caption and its keywords for every patch of a dataset.
 
 For every done slide of the dataset (this shard's share), the chosen captioner
-(:mod:`pathvl.text.captioners`) captions every patch and two datasets are written into the slide file:
+(:mod:`pathvl.data.captioners`) captions every patch and two datasets are written into the slide file:
 
 - ``captions/<name>`` (N,) UTF-8 strings, row ``i`` for patch ``i`` of ``patches/``;
 - ``keywords/<name>`` (N,) UTF-8 strings: the keywords of each caption
@@ -44,8 +44,8 @@ from tqdm.auto import tqdm
 
 from pathvl import __version__
 from pathvl import _const as K
+from pathvl.data.captioners import Captioner, build_captioner
 from pathvl.data.dataset import Dataset, DatasetError
-from pathvl.text.captioners import Captioner, build_captioner
 
 #: Longest caption kept, in characters; longer ones are cut at a word boundary and counted. Quilt-LLaVA
 #: answers run to a few hundred words; 2,000 characters keeps them whole and stops runaway generations.

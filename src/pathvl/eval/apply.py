@@ -1,85 +1,27 @@
-"""Evaluate a pretrained checkpoint: zero-shot tiles, linear probe, retrieval.
+"""The evaluation commands: zero-shot tiles, linear probe, retrieval, slide-level zero-shot.
 
-The glue between :mod:`pathvl.train.checkpoint` (a run folder from ``pathvl pretrain``), the frozen vision
-encoder its features came from, and the protocols in :mod:`pathvl.eval`. A tile-level model (MR-PLIP)
-exposes ``encode_image(features)``, ``encode_text(tokens)`` and ``tokenize(texts)``; the features of a tile
-come from the encoder named in the checkpoint's ``data.features`` (``--encoder-weights`` gives its weights
-when it needs some).
+The glue between a run folder (:func:`pathvl.eval.loading.load_for_eval`), the frozen vision encoder its
+features came from and the protocols in :mod:`pathvl.eval`. A tile model
+(:class:`~pathvl.eval.protocols.TileModel`) embeds the features of a tile, which come from the encoder
+named in the checkpoint's ``data.features`` (``--encoder-weights`` gives its weights when it needs some);
+slide-level work goes through :mod:`pathvl.eval.slides` for every family.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pathvl.eval.loading import EvalError, EvalModel, load_for_eval
 from pathvl.eval.tiles import TileDataset, color_histogram_features, csv_tiles, image_folder, tile_loader
 
-TILE_FAMILIES = ("mrplip",)
 
-
-class EvalError(ValueError):
-    """A checkpoint or data set that cannot be evaluated as asked; the message says why."""
-
-
-@dataclass
-class LoadedModel:
-    """A checkpoint ready for evaluation.
-
-    Attributes:
-        model: The model, in eval mode.
-        family: Its family (``mrplip``, ``pathflip``, ``pathalign``).
-        meta: The checkpoint's ``trainer.json``.
-        features: Name of the frozen vision encoder its inputs came from.
-    """
-
-    model: torch.nn.Module
-    family: str
-    meta: dict
-    features: str
-
-    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(texts), batch_size):
-                out.append(self.model.encode_text(self.model.tokenize(texts[i : i + batch_size])))
-        return torch.cat(out)
-
-
-def checkpoint_family(path: str | Path, families: tuple[str, ...]) -> str:
-    """The model family of a checkpoint, checked against the families a command can use.
-
-    Raises:
-        EvalError: Not a checkpoint, or a family outside ``families``.
-    """
-    from pathvl.train.checkpoint import CheckpointError, find_checkpoint, read_meta
-
-    try:
-        meta = read_meta(find_checkpoint(path))
-    except (CheckpointError, FileNotFoundError, OSError, ValueError) as e:
-        raise EvalError(f"{path}: not a pathvl checkpoint ({e}); give a run folder from `pathvl pretrain`") from e
-    family = meta.get("family", "")
-    if family not in families:
-        raise EvalError(f"{path}: checkpoint is a {family} model, this command needs {' or '.join(families)}")
-    return family
-
-
-def load_checkpoint(path: str | Path, families: tuple[str, ...] = TILE_FAMILIES) -> LoadedModel:
-    """Load a run folder or checkpoint folder written by ``pathvl pretrain``.
-
-    Raises:
-        EvalError: Not a checkpoint, or a model family this command cannot use.
-    """
-    from pathvl.train.checkpoint import load_model
-
-    family = checkpoint_family(path, families)
-    model, meta = load_model(path)
-    model.eval()
-    features = meta.get("config", {}).get("data", {}).get("features", "colour-texture")
-    return LoadedModel(model=model, family=family, meta=meta, features=features)
+def load_checkpoint(path: str | Path, kind: str | None = "tile") -> EvalModel:
+    """:func:`pathvl.eval.loading.load_for_eval` on the CPU (tile models by default)."""
+    return load_for_eval(path, kind=kind)
 
 
 def load_tiles(data: str | Path, benchmark: str | None = None, split: str | None = None,
@@ -105,7 +47,7 @@ def load_tiles(data: str | Path, benchmark: str | None = None, split: str | None
     return ds
 
 
-def tile_embeddings(lm: LoadedModel, ds: TileDataset, *, encoder_weights: str | None = None,
+def tile_embeddings(lm: EvalModel, ds: TileDataset, *, encoder_weights: str | None = None,
                     batch_size: int = 64, workers: int = 0) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Frozen features -> model image embeddings for every tile.
 
@@ -187,12 +129,11 @@ def zeroshot_tiles(checkpoint: str | Path, data: str | Path, *, prompts: str | N
             raise EvalError("pass --prompts (a built-in prompt set or a JSON file) or --benchmark")
         prompts = get_benchmark(benchmark).prompt_set
     ps = load_prompt_set(prompts, labels=ds.class_names)
-    weights = build_class_weights(lm.encode_text, ps)
+    weights = build_class_weights(lm.encode_texts, ps)
     emb, y, hists = tile_embeddings(lm, ds, encoder_weights=encoder_weights, batch_size=batch_size,
                                      workers=workers)
     report = zeroshot_report(emb, y, weights, ds.class_names, n_bootstrap=n_bootstrap)
-    report["model"] = {"checkpoint": str(checkpoint), "family": lm.family, "step": lm.meta.get("step"),
-                       "vision_encoder": lm.features, "prompts": ps.name}
+    report["model"] = {**lm.describe(), "prompts": ps.name}
     if baseline:
         report["baselines"] = {"colour histogram, leave-one-out nearest centroid (supervised)":
                                histogram_baseline(hists, y)}
@@ -213,7 +154,7 @@ def linear_probe_tiles(checkpoint: str | Path, train: str | Path, test: str | Pa
     xtr, ytr, _ = tile_embeddings(lm, tr, encoder_weights=encoder_weights, batch_size=batch_size, workers=workers)
     xte, yte, _ = tile_embeddings(lm, te, encoder_weights=encoder_weights, batch_size=batch_size, workers=workers)
     report = linear_probe(xtr.numpy(), ytr, xte.numpy(), yte, class_names=tr.class_names, n_bootstrap=n_bootstrap)
-    report["model"] = {"checkpoint": str(checkpoint), "family": lm.family, "vision_encoder": lm.features}
+    report["model"] = lm.describe()
     return report
 
 
@@ -227,20 +168,19 @@ def retrieve_patches(checkpoint: str | Path, dataset: str | Path, *, captions: s
     """
     from pathvl import _const as K
     from pathvl.data.dataset import Dataset
-    from pathvl.data.embed import feature_name
     from pathvl.eval.retrieval import retrieval_recall
 
     lm = load_checkpoint(checkpoint)
-    captions = captions or lm.meta.get("config", {}).get("data", {}).get("captions", "template")
+    captions = captions or (getattr(lm.config.data, "captions", None) if lm.config else None) or "template"
     ds = Dataset(dataset)
-    fname = feature_name(lm.features)
+    fname = K.feature_name(lm.features)
     ds.require(K.FEATURES, fname, f"pathvl embed {dataset} --encoder {lm.features}")
     ds.require(K.CAPTIONS, captions, f"pathvl caption {dataset} --captioner {captions}")
     feats, texts = [], []
     for sid in slides or ds.slide_ids():
         with ds.open(sid) as f:
-            feats.append(f[f"{K.FEATURES}/{fname}"][:].astype(np.float32))
-            texts += [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in f[f"{K.CAPTIONS}/{captions}"][:]]
+            feats.append(f[K.features_key(lm.features)][:].astype(np.float32))
+            texts += [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in f[K.captions_key(captions)][:]]
     x = np.concatenate(feats)
     rng = np.random.default_rng(seed)
     first: dict[str, int] = {}
@@ -253,120 +193,55 @@ def retrieve_patches(checkpoint: str | Path, dataset: str | Path, *, captions: s
     rows = np.asarray([first[t] for t in uniq])
     with torch.no_grad():
         img = lm.model.encode_image(torch.from_numpy(x[rows]))
-    rep = retrieval_recall(img, lm.encode_text(uniq))
+    rep = retrieval_recall(img, lm.encode_texts(uniq))
     rep["model"] = {"checkpoint": str(checkpoint), "family": lm.family, "captions": captions,
                     "protocol": "one random patch per distinct caption"}
     return rep
 
 
 # ------------------------------------------------------------------------------------------ slide level
-SLIDE_FAMILIES = ("pathflip", "pathalign")
-
-
-def _slide_model(checkpoint: str | Path):
-    """``(family, model, meta, features)`` of a slide-level checkpoint (PathFLIP or PathAlign)."""
-    from pathvl.train.checkpoint import load_model
-
-    family = checkpoint_family(checkpoint, SLIDE_FAMILIES)
-    if family == "pathalign":
-        from pathvl.models.pathalign import load_pathalign
-
-        model, meta = load_pathalign(checkpoint)
-    else:
-        model, meta = load_model(checkpoint)
-    model.eval()
-    features = meta.get("config", {}).get("data", {}).get("features", "colour-texture")
-    return family, model, meta, features
-
-
-def _slide_embeddings(family: str, model, dataset: str | Path, texts: str | Path, features: str,
-                      slide_ids: list[str] | None = None) -> dict[str, Any]:
-    if family == "pathalign":
-        from pathvl.models.pathalign import build_report_dataset, embed_slides
-
-        ds = build_report_dataset(dataset, texts, features, slide_ids=slide_ids, train=False)
-        return embed_slides(model, ds)
-    from pathvl.data.slidedata import SlideDataset
-    from pathvl.models.pathflip import embed_slides
-
-    ds = SlideDataset(dataset, texts, features, slide_ids=slide_ids, train=False)
-    out = embed_slides(model, ds)
-    out["text_emb"] = out.pop("caption_emb")
-    return out
-
-
 def retrieve_slides(checkpoint: str | Path, dataset: str | Path, texts: str | Path) -> dict[str, Any]:
-    """Slide-to-text and text-to-slide Recall@1/5/10 (and top-1/top-3) for a PathFLIP or PathAlign model.
+    """Slide-to-text and text-to-slide Recall@1/5/10 of a slide model (:func:`pathvl.eval.slides.retrieve_slides`).
 
     Args:
         checkpoint: Run folder.
         dataset: Embedded dataset folder (the full grid).
         texts: CSV/JSONL of slide_id and caption or report.
     """
-    family, model, _, features = _slide_model(checkpoint)
-    emb = _slide_embeddings(family, model, dataset, texts, features)
-    if family == "pathalign":
-        from pathvl.models.pathalign import retrieval_metrics
+    from pathvl.eval import slides
 
-        rep = retrieval_metrics(emb["slide_emb"], emb["text_emb"])
-    else:
-        from pathvl.eval.retrieval import retrieval_recall
-
-        rep = retrieval_recall(emb["slide_emb"], emb["text_emb"])
-    rep["model"] = {"checkpoint": str(checkpoint), "family": family, "slides": len(emb["slide_ids"])}
-    return rep
+    return slides.retrieve_slides(load_for_eval(checkpoint, kind="slide"), dataset, texts)
 
 
 def zeroshot_slides(checkpoint: str | Path, dataset: str | Path, labels: str | Path, prompts: str,
                     js: tuple[int, ...] = (1, 5, 10, 50, 100), n_bootstrap: int = 0) -> dict[str, Any]:
-    """Slide-level zero-shot classification from a CSV of ``slide_id,label``.
+    """Slide-level zero-shot classification from a table of ``slide_id,label``.
 
-    MR-PLIP: MI-Zero top-j pooling of patch scores (Lu et al., "Visual language pretrained multiple
-    instance zero-shot transfer", CVPR 2023), reported for every j. PathFLIP / PathAlign: the slide
-    embedding against the class prompt ensembles.
+    Tile models: MI-Zero top-j pooling of patch scores (Lu et al., "Visual language pretrained multiple
+    instance zero-shot transfer", CVPR 2023), reported for every j. Slide models: the slide embedding
+    against the class prompt ensembles with the model's own similarity.
     """
     from pathvl.data.dataset import Dataset
+    from pathvl.data.tables import read_labels
     from pathvl.eval.metrics import classification_report
-    from pathvl.eval.tiles import read_table
-    from pathvl.eval.zeroshot import build_class_weights, load_prompt_set, slide_zeroshot_report
+    from pathvl.eval.slides import slide_scores
+    from pathvl.eval.zeroshot import load_prompt_set, topj_report
 
-    rows = read_table(labels)
-    if not rows or not {"slide_id", "label"} <= set(rows[0]):
-        raise EvalError(f"{labels}: expected a table with columns slide_id,label")
-    ds = Dataset(dataset)
-    known = set(ds.slide_ids())
-    missing = [r["slide_id"] for r in rows if r["slide_id"] not in known]
+    rows = list(read_labels(labels).items())
+    known = set(Dataset(dataset).slide_ids())
+    missing = [sid for sid, _ in rows if sid not in known]
     if missing:
         raise EvalError(f"{labels}: slides not in {dataset}: {missing[:5]}")
-    classes = sorted({r["label"] for r in rows})
+    classes = sorted({lab for _, lab in rows})
     ps = load_prompt_set(prompts, labels=classes)
-    y = [classes.index(r["label"]) for r in rows]
-    ids = [r["slide_id"] for r in rows]
-    family = checkpoint_family(checkpoint, TILE_FAMILIES + SLIDE_FAMILIES)
-    if family == "mrplip":
-        from pathvl import _const as K
-        from pathvl.data.embed import feature_name
-
-        lm = load_checkpoint(checkpoint)
-        weights = build_class_weights(lm.encode_text, ps)
-        key = f"{K.FEATURES}/{feature_name(lm.features)}"
-        ds.require(K.FEATURES, feature_name(lm.features), f"pathvl embed {dataset} --encoder {lm.features}")
-        patch = []
-        with torch.no_grad():
-            for sid in ids:
-                with ds.open(sid) as f:
-                    patch.append(lm.model.encode_image(torch.from_numpy(f[key][:].astype(np.float32))))
-        rep = slide_zeroshot_report(patch, y, weights, classes, js=js, n_bootstrap=n_bootstrap)
-    else:
-        fam, model, _, features = _slide_model(checkpoint)
-        # texts are not used for classification; the datasets want one per slide
-        emb = _slide_embeddings(fam, model, dataset, {s: "slide" for s in ids}, features, slide_ids=ids)
-        if fam == "pathalign":
-            from pathvl.models.pathalign import zeroshot_slides as zs
-        else:
-            from pathvl.models.pathflip import slide_zeroshot as zs
-        pred, scores = zs(model, emb["slide_emb"], ps)
-        rep = classification_report(np.asarray(y), pred.numpy(), scores.double().numpy(), class_names=classes,
+    y = np.asarray([classes.index(lab) for _, lab in rows])
+    ev = load_for_eval(checkpoint)
+    scores = slide_scores(ev, dataset, ps, [sid for sid, _ in rows], js=js)
+    if "slide" in scores:
+        s = scores["slide"]
+        rep = classification_report(y, s.argmax(1).numpy(), s.double().numpy(), class_names=classes,
                                     n_bootstrap=n_bootstrap)
-    rep["model"] = {"checkpoint": str(checkpoint), "family": family, "prompts": ps.name}
+    else:
+        rep = topj_report(scores, y, classes, n_bootstrap=n_bootstrap)
+    rep["model"] = {**ev.describe(), "prompts": ps.name}
     return rep

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pathvl.eval.tiles import PCamH5Dataset, TileDataset, Transform, csv_tiles, image_folder
+from pathvl.eval.tiles import PCamH5Dataset, TileDataError, TileDataset, Transform, csv_tiles, image_folder
 
 __all__ = ["BENCHMARKS", "Benchmark", "describe_all", "get_benchmark", "load_benchmark"]
 
@@ -124,11 +124,11 @@ class Benchmark:
         """
         if self.splits:
             if split is None:
-                raise ValueError(f"{self.name}: choose a split, one of {list(self.splits)}")
+                raise TileDataError(f"{self.name}: choose a split, one of {list(self.splits)}")
             if split not in self.splits:
-                raise ValueError(f"{self.name}: unknown split {split!r}; splits: {list(self.splits)}")
+                raise TileDataError(f"{self.name}: unknown split {split!r}; splits: {list(self.splits)}")
         elif split is not None:
-            raise ValueError(f"{self.name} has no predefined splits; load the whole folder (split=None)")
+            raise TileDataError(f"{self.name} has no predefined splits; load the whole folder (split=None)")
         root = Path(root)
         if not root.exists():
             raise FileNotFoundError(f"{self.name}: data folder {root} does not exist. Expected:\n{self.layout}")

@@ -6,7 +6,7 @@ the text's local embedding to the patch's, or the text's region-pooling attentio
 keeps those scores with the patches' level-0 boxes, rasterises them onto a thumbnail, draws them as a
 PNG over it, and scores localisation against ground truth: the patch-level AUROC of the scores for
 "the patch is mostly this class" (:meth:`Heatmap.auroc`, e.g. on generated slides with
-:func:`pathvl.data.synthetic.load_ground_truth`).
+:func:`pathvl.synthetic.load_ground_truth`).
 
 Coordinates: ``coords`` are level-0 pixels ``(x, y)`` of each patch's top-left corner and ``footprint``
 its level-0 side, as stored in the dataset; a thumbnail of downsample ``ds`` shows level-0 pixel ``x``
@@ -136,7 +136,7 @@ class Heatmap:
 
     def patch_labels(self, gt: Any, label: int | str, min_fraction: float = 0.5) -> np.ndarray:
         """Boolean ``(N,)``: the patch's area is at least ``min_fraction`` class ``label`` in ``gt``
-        (a :class:`pathvl.data.synthetic.GroundTruth`)."""
+        (a :class:`pathvl.synthetic.GroundTruth`)."""
         k = gt.class_index(label) if isinstance(label, str) else int(label)
         return np.array([gt.fractions(float(x), float(y), float(fp), float(fp))[k] >= min_fraction
                          for (x, y), fp in zip(self.coords, self.footprint)])
@@ -167,22 +167,18 @@ def localization_auroc(heatmap: Heatmap, gt: Any, label: int | str, min_fraction
 
 
 @torch.no_grad()
-def slide_heatmaps(model: Any, root: str | Path, slide_id: str, texts: str | Sequence[str | Sequence[str]],
-                   features: str,
-                   mode: str = "similarity", mags: Sequence[float] = (), device: torch.device | str | None = None
-                   ) -> list[Heatmap]:
-    """Heatmaps of ``texts`` over every patch of one slide of a dataset.
+def slide_heatmaps(ev: Any, root: str | Path, slide_id: str, texts: str | Sequence[str | Sequence[str]],
+                   mode: str | None = None) -> list[Heatmap]:
+    """Heatmaps of ``texts`` over every patch of one slide of a dataset, at the model's magnifications.
 
     Args:
-        model: A model with ``patch_text_scores(features, mask, coords, texts, mode)`` (PathFLIP).
+        ev: An :class:`~pathvl.eval.loading.EvalModel` (any family: the scores are
+            :func:`pathvl.eval.slides.patch_text_scores`).
         root: Dataset folder.
         slide_id: The slide.
         texts: One text or several; an inner list of strings is a prompt ensemble scored as one query
             (its heatmap's ``text`` joins them with " | ").
-        features: Encoder name the slide was embedded with (``pathvl embed --encoder``).
-        mode: ``similarity`` or ``attention``.
-        mags: Keep only these magnifications (default: all patches).
-        device: Where the model runs (default: the model's device).
+        mode: A model's own score type where it has several (PathFLIP: ``similarity`` or ``attention``).
 
     Returns:
         One :class:`Heatmap` per text.
@@ -191,8 +187,9 @@ def slide_heatmaps(model: Any, root: str | Path, slide_id: str, texts: str | Seq
         DatasetError: The slide is not in the dataset, or it was not embedded with ``features``; the
             message names the command to run.
     """
-    from pathvl.data.embed import feature_name
+    from pathvl.eval.slides import patch_text_scores
 
+    features, mags = ev.features, ev.mags
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         raise ValueError("no texts given for the heatmap")
@@ -200,7 +197,7 @@ def slide_heatmaps(model: Any, root: str | Path, slide_id: str, texts: str | Seq
     if slide_id not in ds.slide_ids():
         raise DatasetError(f"{root}: slide {slide_id!r} is not in the dataset (tiled slides: "
                            f"{ds.slide_ids()[:5]}...); tile it with `pathvl tile SLIDE --out {root}`")
-    key = f"{K.FEATURES}/{feature_name(features)}"
+    key = K.features_key(features)
     with ds.open(slide_id) as f:
         if key not in f:
             raise DatasetError(f"slide {slide_id!r} of {root} was not embedded with {features!r} (no {key}); run "
@@ -218,15 +215,10 @@ def slide_heatmaps(model: Any, root: str | Path, slide_id: str, texts: str | Seq
             raise DatasetError(f"slide {slide_id!r}: no patches at magnifications {list(mags)}")
     fp = np.array([fps[float(m)] for m in mag[keep]])
     centre = (coords[keep] + fp[:, None] / 2.0) / np.asarray(size, dtype=np.float64)
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    was = model.training
-    model.eval()
-    x = torch.from_numpy(feats[keep])[None].to(dev)
-    c = torch.from_numpy(centre.astype(np.float32))[None].to(dev)
-    scores = model.patch_text_scores(x, None, c, texts, mode=mode)[0].cpu().numpy()  # (Q, N)
-    model.train(was)
+    scores = patch_text_scores(ev, torch.from_numpy(feats[keep]), torch.from_numpy(centre.astype(np.float32)),
+                               texts, mode=mode)  # (Q, N)
     path = str(slide_path) if slide_path is not None else None
     return [Heatmap(slide_id=slide_id, text=t if isinstance(t, str) else " | ".join(t),
                     scores=scores[q].astype(np.float32), coords=coords[keep].astype(np.int64), footprint=fp,
-                    slide_size=(size[0], size[1]), mode=mode, slide_path=path)
+                    slide_size=(size[0], size[1]), mode=mode or "similarity", slide_path=path)
             for q, t in enumerate(texts)]

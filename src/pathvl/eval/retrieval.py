@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["image_to_text_ranks", "recall_at_k", "retrieval_recall", "text_to_image_ranks"]
+__all__ = ["image_to_text_ranks", "recall_at_k", "retrieval_from_similarity", "retrieval_recall", "text_to_image_ranks"]
 
 
 def _emb(x: Any, name: str) -> torch.Tensor:
@@ -156,3 +156,41 @@ def retrieval_recall(
         "n_texts": n_txt,
         "n_image_queries": int((i2t >= 0).sum()),
     }
+
+
+def retrieval_from_similarity(sim: Any, text_to_image: Any = None, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
+    """Image-to-text and text-to-image Recall@K from a precomputed similarity matrix.
+
+    For models whose similarity is not a plain dot product (a Q-Former's best query, a learned scale):
+    ranks follow the same rule as :func:`retrieval_recall` (candidates scoring strictly higher than the
+    best positive).
+
+    Args:
+        sim: ``(N_i, N_t)`` similarities of every image (slide) to every text.
+        text_to_image: Image index of each text (default: text ``t`` belongs to image ``t``).
+        ks: Values of K.
+
+    Returns:
+        The structure of :func:`retrieval_recall`.
+    """
+    s = torch.as_tensor(np.asarray(sim) if not isinstance(sim, torch.Tensor) else sim).float()
+    if s.ndim != 2:
+        raise ValueError(f"sim must have shape (N_images, N_texts), got {tuple(s.shape)}")
+    n_img, n_txt = s.shape
+    if text_to_image is None:
+        if n_img != n_txt:
+            raise ValueError(f"{n_img} images but {n_txt} texts: pass text_to_image")
+        text_to_image = np.arange(n_txt)
+    owner = torch.as_tensor(np.asarray(text_to_image), dtype=torch.long)
+    if owner.ndim != 1 or len(owner) != n_txt or (n_txt and (owner.min() < 0 or owner.max() >= n_img)):
+        raise ValueError(f"text_to_image must hold {n_txt} image indices in 0..{n_img - 1}")
+    cols = torch.arange(n_txt)
+    pos = s[owner, cols]  # (N_t,) similarity of each text to its own image
+    best = torch.full((n_img,), float("-inf"))
+    best.scatter_reduce_(0, owner, pos, reduce="amax")
+    has = torch.zeros(n_img, dtype=torch.bool)
+    has[owner] = True
+    i2t = torch.where(has, (s > best[:, None]).sum(1), torch.full((n_img,), -1)).numpy()
+    t2i = (s.t() > pos[:, None]).sum(1).numpy()
+    return {"image_to_text": recall_at_k(i2t, ks), "text_to_image": recall_at_k(t2i, ks), "n_images": n_img,
+            "n_texts": n_txt, "n_image_queries": int(has.sum())}

@@ -17,19 +17,18 @@ batch and returns the indices it kept).
 
 from __future__ import annotations
 
-import csv
 import os
-import re
 import warnings
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from xml.etree import ElementTree
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from pathvl.data.tables import read_table
+from pathvl.errors import UserError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -41,7 +40,6 @@ __all__ = [
     "csv_tiles",
     "image_folder",
     "read_image",
-    "read_table",
     "tile_loader",
 ]
 
@@ -49,7 +47,11 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", "
 Transform = Callable[[Any], Any]
 
 
-class UnreadableImageError(OSError):
+class TileDataError(UserError, ValueError):
+    """A tile table or folder that cannot be used (the message names the file and row)."""
+
+
+class UnreadableImageError(UserError, OSError):
     """An image file that cannot be decoded; the message names the file."""
 
 
@@ -141,7 +143,7 @@ def _label_index(
         return list(classes).index(label)
     except ValueError:
         hint = f" (after class_map: {label!r})" if label != raw else ""
-        raise ValueError(f"{where}: label {raw!r}{hint} is not a known class; classes: {list(classes)}") from None
+        raise TileDataError(f"{where}: label {raw!r}{hint} is not a known class; classes: {list(classes)}") from None
 
 
 def _list_images(folder: Path, extensions: Sequence[str], recursive: bool) -> list[Path]:
@@ -183,7 +185,7 @@ def image_folder(
         raise FileNotFoundError(f"tile folder {root} does not exist")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in ignore)
     if not folders:
-        raise ValueError(
+        raise TileDataError(
             f"tile folder {root} is empty: expected one subfolder per class holding images "
             f"({', '.join(extensions)})"
         )
@@ -195,102 +197,10 @@ def image_folder(
         index = _label_index(folder.name, classes, class_map, f"folder {folder}")
         images = _list_images(folder, extensions, recursive)
         if not images:
-            raise ValueError(f"class folder {folder} holds no images ({', '.join(extensions)})")
+            raise TileDataError(f"class folder {folder} holds no images ({', '.join(extensions)})")
         paths += images
         labels += [index] * len(images)
     return TileDataset(paths, labels, classes, transform, skip_bad, name=root.name)
-
-
-_NS = {
-    "m": "http://schemas.openxmlformats.org/spreadsheetml/2006/main",
-    "r": "http://schemas.openxmlformats.org/officeDocument/2006/relationships",
-    "p": "http://schemas.openxmlformats.org/package/2006/relationships",
-}
-
-
-def _column_index(ref: str) -> int:
-    letters = re.match(r"[A-Z]+", ref)
-    if letters is None:
-        raise ValueError(f"bad cell reference {ref!r}")
-    n = 0
-    for ch in letters.group(0):
-        n = n * 26 + ord(ch) - ord("A") + 1
-    return n - 1
-
-
-def _read_xlsx(path: Path) -> list[list[str]]:
-    """Cell text of the first worksheet of an .xlsx file (values, not formulas)."""
-    with zipfile.ZipFile(path) as z:
-        names = set(z.namelist())
-        shared: list[str] = []
-        if "xl/sharedStrings.xml" in names:
-            root = ElementTree.fromstring(z.read("xl/sharedStrings.xml"))
-            shared = ["".join(t.text or "" for t in si.iter(f"{{{_NS['m']}}}t")) for si in root.findall("m:si", _NS)]
-        sheet = "xl/worksheets/sheet1.xml"
-        if "xl/workbook.xml" in names and "xl/_rels/workbook.xml.rels" in names:
-            wb = ElementTree.fromstring(z.read("xl/workbook.xml"))
-            first = wb.find("m:sheets/m:sheet", _NS)
-            rels = ElementTree.fromstring(z.read("xl/_rels/workbook.xml.rels"))
-            if first is not None:
-                rid = first.get(f"{{{_NS['r']}}}id")
-                for rel in rels.findall("p:Relationship", _NS):
-                    if rel.get("Id") == rid:
-                        target = rel.get("Target", "")
-                        sheet = target.lstrip("/") if target.startswith("/") else f"xl/{target}"
-        root = ElementTree.fromstring(z.read(sheet))
-    rows: list[list[str]] = []
-    for row in root.iter(f"{{{_NS['m']}}}row"):
-        cells: dict[int, str] = {}
-        for pos, c in enumerate(row.findall("m:c", _NS)):
-            col = _column_index(c.get("r", "")) if c.get("r") else pos
-            kind = c.get("t", "n")
-            if kind == "inlineStr":
-                text = "".join(t.text or "" for t in c.iter(f"{{{_NS['m']}}}t"))
-            else:
-                v = c.find("m:v", _NS)
-                text = "" if v is None or v.text is None else v.text
-                if kind == "s" and text:
-                    text = shared[int(text)]
-            cells[col] = text
-        if cells:
-            rows.append([cells.get(i, "") for i in range(max(cells) + 1)])
-    return rows
-
-
-def read_table(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """Rows of a CSV, TSV or XLSX (first sheet) table as dicts keyed by the header row.
-
-    Raises:
-        FileNotFoundError: when the file does not exist.
-        ValueError: naming the file, when it has no header row or an unknown suffix.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"table {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".xlsx":
-        rows = _read_xlsx(path)
-    elif suffix in (".csv", ".tsv", ".txt"):
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f, delimiter="\t" if suffix == ".tsv" else ","))
-    else:
-        raise ValueError(f"table {path}: unknown format {suffix!r} (use .csv, .tsv or .xlsx)")
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
-    if not rows:
-        raise ValueError(f"table {path} is empty")
-    header = [h.strip() for h in rows[0]]
-    return [{h: (r[i] if i < len(r) else "") for i, h in enumerate(header)} for r in rows[1:]]
-
-
-def _pick_column(header: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, path: Path) -> str:
-    if wanted is not None:
-        if wanted not in header:
-            raise ValueError(f"table {path} has no {what} column {wanted!r}; columns: {list(header)}")
-        return wanted
-    for c in candidates:
-        if c in header:
-            return c
-    raise ValueError(f"table {path}: cannot find the {what} column (tried {list(candidates)}); columns: {list(header)}")
 
 
 def csv_tiles(
@@ -330,46 +240,43 @@ def csv_tiles(
         ValueError: naming the table and row, for unknown labels, missing columns or no rows.
     """
     table = Path(table)
-    rows = read_table(table)
+    t = read_table(table, "tile table")
+    rows, header, line = t.rows, t.columns, t.lines
     if not rows:
-        raise ValueError(f"table {table} has a header but no rows")
-    header = list(rows[0])
-    line = list(range(2, len(rows) + 2))  # table line of each row, the header being line 1
+        raise TileDataError(f"table {table} has a header but no rows")
     root = Path(image_root) if image_root is not None else table.parent
-    pcol = _pick_column(
-        header, path_column,
-        ("path", "filename", "file", "image", "image_path", "image_name", "Image Name"), "image path", table,
-    )
+    pcol = t.column(path_column, ("path", "filename", "file", "image", "image_path", "image_name", "Image Name"),
+                    "image path")
     for col, value in (where or {}).items():
         if col not in header:
-            raise ValueError(f"table {table} has no column {col!r} to filter on; columns: {header}")
+            raise TileDataError(f"table {table} has no column {col!r} to filter on; columns: {header}")
         allowed = {value} if isinstance(value, str) else set(value)
         keep = [i for i, r in zip(line, rows) if r[col] in allowed]
         rows = [r for r in rows if r[col] in allowed]
         line = keep
     if not rows:
-        raise ValueError(f"table {table}: no rows left after filtering with {dict(where or {})}")
+        raise TileDataError(f"table {table}: no rows left after filtering with {dict(where or {})}")
     paths = [root / r[pcol] for r in rows]
     if label_columns is not None:
         missing = [c for c in label_columns if c not in header]
         if missing:
-            raise ValueError(f"table {table} lacks label columns {missing}; columns: {header}")
+            raise TileDataError(f"table {table} lacks label columns {missing}; columns: {header}")
         if classes is None:
             classes = [class_map.get(c, c) if class_map else c for c in label_columns]
         if len(classes) != len(label_columns):
-            raise ValueError(f"{len(label_columns)} label columns for {len(classes)} classes")
+            raise TileDataError(f"{len(label_columns)} label columns for {len(classes)} classes")
         labels = []
         for i, r in zip(line, rows):
             try:
                 values = [float(r[c]) for c in label_columns]
             except ValueError:
                 found = [r[c] for c in label_columns]
-                raise ValueError(f"table {table}, row {i}: non-numeric label columns {found}") from None
+                raise TileDataError(f"table {table}, row {i}: non-numeric label columns {found}") from None
             if max(values) <= 0:
-                raise ValueError(f"table {table}, row {i}: no positive value in label columns {list(label_columns)}")
+                raise TileDataError(f"table {table}, row {i}: no positive value in label columns {list(label_columns)}")
             labels.append(int(np.argmax(values)))
     else:
-        lcol = _pick_column(header, label_column, ("label", "class", "target"), "label", table)
+        lcol = t.column(label_column, ("label", "class", "target"), "label")
         if classes is None:
             classes = sorted({class_map.get(r[lcol], r[lcol]) if class_map else r[lcol] for r in rows})
         labels = [_label_index(r[lcol], classes, class_map, f"table {table}, row {i}") for i, r in zip(line, rows)]

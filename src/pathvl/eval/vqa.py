@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pathvl.text.mcq import LETTERS, format_mcq
+
 __all__ = [
     "LETTERS",
     "MCQItem",
@@ -26,28 +28,8 @@ __all__ = [
     "read_mcq",
 ]
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-DEFAULT_INSTRUCTION = "Answer with the letter of the correct option."
 
 
-def format_mcq(question: str, options: Sequence[str], instruction: str = DEFAULT_INSTRUCTION) -> str:
-    """The prompt of a multiple-choice question::
-
-        Question: Which tissue is in the upper left?
-        A. tumor
-        B. adipose tissue
-        Answer with the letter of the correct option.
-
-    Raises:
-        ValueError: Fewer than two or more than 26 options.
-    """
-    if not 2 <= len(options) <= len(LETTERS):
-        raise ValueError(f"a multiple-choice question needs 2 to {len(LETTERS)} options, got {len(options)}")
-    lines = [f"Question: {str(question).strip()}"]
-    lines += [f"{LETTERS[i]}. {str(o).strip()}" for i, o in enumerate(options)]
-    if instruction:
-        lines.append(instruction)
-    return "\n".join(lines)
 
 
 def parse_choice(text: str | None, n_options: int = 4, options: Sequence[str] | None = None) -> str | None:

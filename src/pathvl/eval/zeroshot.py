@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pathvl.errors import UserError
 from pathvl.eval.metrics import classification_report
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "DEFAULT_TEMPLATES",
     "PLACEHOLDER",
     "QUILT_CLASSNAMES",
+    "PromptError",
     "PromptSet",
     "build_class_weights",
     "builtin_prompt_sets",
@@ -54,6 +56,7 @@ __all__ = [
     "slide_zeroshot_report",
     "topj_pool",
     "topj_pool_batched",
+    "topj_report",
     "zeroshot_classify",
     "zeroshot_report",
 ]
@@ -80,6 +83,10 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 EncodeText = Callable[[list[str]], torch.Tensor]
 
 
+class PromptError(UserError, ValueError):
+    """A prompt file or prompt set that cannot be used (the message names the file)."""
+
+
 @dataclass(frozen=True)
 class PromptSet:
     """Synonyms per class and templates; the class order is the label order.
@@ -98,15 +105,15 @@ class PromptSet:
 
     def __post_init__(self) -> None:
         if not self.classes:
-            raise ValueError(f"prompt set {self.source} has no classes")
+            raise PromptError(f"prompt set {self.source} has no classes")
         if not self.templates:
-            raise ValueError(f"prompt set {self.source} has no templates")
+            raise PromptError(f"prompt set {self.source} has no templates")
         bad = [t for t in self.templates if PLACEHOLDER not in t]
         if bad:
-            raise ValueError(f"prompt set {self.source}: templates without {PLACEHOLDER}: {bad}")
+            raise PromptError(f"prompt set {self.source}: templates without {PLACEHOLDER}: {bad}")
         empty = [label for label, syn in self.classes.items() if not syn]
         if empty:
-            raise ValueError(f"prompt set {self.source}: classes without synonyms: {empty}")
+            raise PromptError(f"prompt set {self.source}: classes without synonyms: {empty}")
 
     @property
     def labels(self) -> list[str]:
@@ -147,7 +154,7 @@ class PromptSet:
         if extra and not allow_extra:
             problems.append(f"prompt file {self.source} has classes the dataset labels lack: {extra}")
         if problems:
-            raise ValueError(
+            raise PromptError(
                 "; ".join(problems) + f" (dataset labels: {labels}; prompt classes: {self.labels})"
             )
         return PromptSet(self.name, {x: self.classes[x] for x in labels}, self.templates, self.source)
@@ -160,13 +167,13 @@ class PromptSet:
 
 def _str_list(value: Any, what: str, source: str) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"prompt file {source}: {what} must be a list of strings, got {value!r}")
+        raise PromptError(f"prompt file {source}: {what} must be a list of strings, got {value!r}")
     return tuple(value)
 
 
 def _classes(obj: Any, source: str) -> dict[str, tuple[str, ...]]:
     if not isinstance(obj, Mapping):
-        raise ValueError(f"prompt file {source}: classes must map each label to a list of synonyms")
+        raise PromptError(f"prompt file {source}: classes must map each label to a list of synonyms")
     return {str(k): _str_list(v, f"synonyms of class {k!r}", source) for k, v in obj.items()}
 
 
@@ -193,7 +200,7 @@ def parse_prompt_set(
     """
     stem = name or Path(source).stem
     if not isinstance(obj, Mapping) or not obj:
-        raise ValueError(f"prompt file {source}: expected a JSON object, got {type(obj).__name__}")
+        raise PromptError(f"prompt file {source}: expected a JSON object, got {type(obj).__name__}")
     if "classes" in obj:  # pathvl
         tpl = _str_list(obj.get("templates", ()), "templates", source) if templates is None else templates
         return PromptSet(name or str(obj.get("name", stem)), _classes(obj["classes"], source), tuple(tpl), source)
@@ -202,28 +209,28 @@ def parse_prompt_set(
         keys = [str(k) for k in obj]
         key = index if index is not None else (keys[0] if len(keys) == 1 else "0")
         if key not in obj:
-            raise ValueError(f"prompt file {source} has no prompt set {key!r} (sets: {keys})")
+            raise PromptError(f"prompt file {source} has no prompt set {key!r} (sets: {keys})")
         entry = obj[key]
         tpl = _str_list(entry.get("templates", ()), "templates", source) if templates is None else templates
         return PromptSet(stem, _classes(entry["classnames"], source), tuple(tpl), source)
     if all(isinstance(v, list) for v in values):  # quilt1m class names
         if dataset is None:
-            raise ValueError(
+            raise PromptError(
                 f"prompt file {source} holds class-name lists for several datasets; pass dataset= "
                 f"one of {sorted(obj)}"
             )
         if dataset not in obj:
-            raise ValueError(f"prompt file {source} has no dataset {dataset!r} (datasets: {sorted(obj)})")
+            raise PromptError(f"prompt file {source} has no dataset {dataset!r} (datasets: {sorted(obj)})")
         names = _str_list(obj[dataset], f"class names of {dataset!r}", source)
         keys_ = [str(x) for x in labels] if labels is not None else list(names)
         if len(keys_) != len(names):
-            raise ValueError(
+            raise PromptError(
                 f"prompt file {source}: {dataset!r} lists {len(names)} class names {list(names)} but "
                 f"{len(keys_)} dataset labels were given {keys_}"
             )
         tpl = DEFAULT_TEMPLATES if templates is None else tuple(templates)
         return PromptSet(name or dataset, {k: (n,) for k, n in zip(keys_, names)}, tuple(tpl), source)
-    raise ValueError(
+    raise PromptError(
         f"prompt file {source}: unknown format; expected pathvl's {{'classes', 'templates'}}, "
         "CONCH's {'0': {'classnames', 'templates'}} or quilt1m's {dataset: [class names]}"
     )
@@ -288,7 +295,7 @@ def load_prompt_set(
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as err:
-        raise ValueError(f"prompt file {text_source} is not valid JSON: {err}") from err
+        raise PromptError(f"prompt file {text_source} is not valid JSON: {err}") from err
     quilt_style = isinstance(obj, Mapping) and obj and all(isinstance(v, list) for v in obj.values())
     prompt_set = parse_prompt_set(
         obj,
@@ -516,12 +523,18 @@ def slide_zeroshot_report(
     Report every j, or fix j beforehand: choosing the best j on the test slides overstates results.
     """
     out = slide_zeroshot(patch_embeddings, class_weights, js)
+    return topj_report({j: scores for j, (_, scores) in out.items()}, y_true, class_names, n_bootstrap, seed)
+
+
+def topj_report(scores: Mapping[int, torch.Tensor], y_true: Any, class_names: Sequence[str], n_bootstrap: int = 0,
+                seed: int = 0) -> dict[str, Any]:
+    """Reports of top-j pooled slide scores ``{j: (S, C)}``, one per j: ``{"topj": {j: report}, "js": [...]}``."""
     y = np.asarray(y_true)
     reports = {
         str(j): classification_report(
-            y, pred.cpu().numpy(), scores.cpu().double().numpy(), class_names=class_names,
+            y, s.argmax(1).cpu().numpy(), s.cpu().double().numpy(), class_names=class_names,
             n_bootstrap=n_bootstrap, seed=seed,
         )
-        for j, (pred, scores) in out.items()
+        for j, s in scores.items()
     }
-    return {"js": [int(j) for j in out], "num_slides": len(y), "topj": reports}
+    return {"js": [int(j) for j in scores], "num_slides": len(y), "topj": reports}

@@ -9,7 +9,7 @@ to one process transparently.
 from pathvl.losses.contrastive import ITCLoss, QFormerITCLoss, SigLIPLoss
 from pathvl.losses.cvta import CVTALoss, select_positive_keywords
 from pathvl.losses.lm import IGNORE_INDEX, LMLoss, MLMLoss, mask_tokens
-from pathvl.losses.matching import ITMLoss, sample_hard_negatives
+from pathvl.losses.matching import ITMLoss, itm_pairs, sample_hard_negatives
 from pathvl.losses.mrtva import MRTVALoss
 from pathvl.losses.region import RegionAlignLoss
 
@@ -24,6 +24,7 @@ __all__ = [
     "QFormerITCLoss",
     "RegionAlignLoss",
     "SigLIPLoss",
+    "itm_pairs",
     "mask_tokens",
     "sample_hard_negatives",
     "select_positive_keywords",

@@ -1,10 +1,10 @@
 """Global image-text contrastive objectives: ITC (softmax), SigLIP (sigmoid), Q-Former ITC (max over queries).
 
 All three gather features across ranks with gradients through
-:func:`pathvl.train.distributed.gather_with_grad` and work unchanged in a single process. Each rank
+:func:`pathvl.dist.gather_with_grad` and work unchanged in a single process. Each rank
 scores its LOCAL rows against ALL gathered columns; the local positives sit at column offset
 ``rank * B``. The value a rank returns, averaged over ranks, equals the single-process loss on the
-concatenated batch (log :func:`~pathvl.train.distributed.all_reduce_mean` of it); gradients then match
+concatenated batch (log :func:`~pathvl.dist.all_reduce_mean` of it); gradients then match
 the single-process ones after DDP's averaging (see the distributed module docstring). Every rank must
 hold the same local batch size ``B``.
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pathvl.train.distributed import gather_with_grad, get_rank, get_world_size
+from pathvl.dist import gather_with_grad, get_rank, get_world_size
 
 __all__ = ["ITCLoss", "QFormerITCLoss", "SigLIPLoss"]
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pathvl.losses.contrastive import zero_loss
+from pathvl.text.tokenize import IGNORE_INDEX, mask_tokens
 
 __all__ = ["IGNORE_INDEX", "LMLoss", "MLMLoss", "mask_tokens"]
 
-IGNORE_INDEX = -100
-"""Label value skipped by :class:`MLMLoss` and :class:`LMLoss` (PyTorch / Hugging Face convention)."""
 
 
 def _token_ce(logits: Tensor, labels: Tensor, label_smoothing: float) -> Tensor:
@@ -94,53 +92,3 @@ class LMLoss(nn.Module):
             lm_logits = lm_logits[:, :-1]  # (B, L-1, V): position t predicts token t+1
             lm_labels = lm_labels[:, 1:]  # (B, L-1)
         return _token_ce(lm_logits, lm_labels, self.label_smoothing)
-
-
-def mask_tokens(
-    input_ids: Tensor,
-    special_mask: Tensor,
-    vocab_size: int,
-    mask_token_id: int,
-    prob: float = 0.15,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
-    """BERT masking: picks tokens with probability ``prob`` and corrupts them 80 / 10 / 10.
-
-    Devlin et al., "BERT", NAACL 2019. Each non-special token is selected independently with probability
-    ``prob``; a selected token is replaced by ``mask_token_id`` with probability 0.8, by a token drawn
-    uniformly from ``[0, vocab_size)`` with probability 0.1, and kept with probability 0.1. Special
-    tokens (CLS, SEP, padding, ...) are never selected. The input is not modified.
-
-    Args:
-        input_ids: ``(B, L)`` long token ids.
-        special_mask: ``(B, L)`` bool, True where a token must not be masked (include padding).
-        vocab_size: Size of the vocabulary for the random replacements.
-        mask_token_id: Id of the ``[MASK]`` token.
-        prob: Selection probability.
-        generator: Optional random generator (on ``input_ids``' device).
-
-    Returns:
-        ``(masked_ids, labels)``: the corrupted ids, and labels holding the original id at selected
-        positions and -100 elsewhere (feed them to :class:`MLMLoss`).
-    """
-    if input_ids.shape != special_mask.shape:
-        raise ValueError(
-            f"input_ids {tuple(input_ids.shape)} and special_mask {tuple(special_mask.shape)} disagree"
-        )
-    if not 0.0 <= prob <= 1.0:
-        raise ValueError(f"prob must be in [0, 1], got {prob}")
-    device = input_ids.device
-
-    def _rand(shape: torch.Size) -> Tensor:
-        return torch.rand(shape, generator=generator, device=device)
-
-    selected = (_rand(input_ids.shape) < prob) & ~special_mask.bool()
-    labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-    corrupt = _rand(input_ids.shape)
-    to_mask = selected & (corrupt < 0.8)
-    to_random = selected & (corrupt >= 0.8) & (corrupt < 0.9)
-    random_ids = torch.randint(0, vocab_size, input_ids.shape, generator=generator, device=device)
-    masked = input_ids.clone()
-    masked[to_mask] = mask_token_id
-    masked[to_random] = random_ids[to_random].to(masked.dtype)
-    return masked, labels

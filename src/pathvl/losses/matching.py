@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ITMLoss", "sample_hard_negatives"]
+__all__ = ["ITMLoss", "itm_pairs", "sample_hard_negatives"]
 
 
 class ITMLoss(nn.Module):
@@ -110,3 +110,36 @@ def sample_hard_negatives(
     probs = torch.softmax(logits, dim=1)  # (B, B'), zero on invalid columns
     draws = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     return draws
+
+
+@torch.no_grad()
+def itm_pairs(sim: Tensor, same: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The ITM pairs of a batch (ALBEF/BLIP): every positive, a hard-negative text for each image and a
+    hard-negative image for each text, drawn from the ITC similarities.
+
+    Rows whose every other sample has the same text (``same`` true across the row) cannot have a negative
+    and are left out; when fewer than two rows remain there are no pairs at all (then :class:`ITMLoss` is 0),
+    never a made-up pair.
+
+    Args:
+        sim: ``(n, n)`` scaled image-text similarities; the diagonal holds the positives.
+        same: ``(n, n)`` bool, True where two samples have identical text (never drawn as negatives).
+        generator: Random generator.
+
+    Returns:
+        ``(image_index (3m,), text_index (3m,), labels (3m,))`` into the ``n`` rows: ``m`` positives (label 1),
+        then ``m`` negative texts and ``m`` negative images (label 0).
+    """
+    keep = torch.nonzero((~same).any(1)).flatten()
+    if len(keep) < 2:
+        empty = torch.zeros(0, dtype=torch.long, device=sim.device)
+        return empty, empty, empty
+    sub, ex = sim[keep][:, keep], same[keep][:, keep]
+    pos = torch.arange(len(keep), device=sim.device)
+    neg_txt = sample_hard_negatives(sub, pos, generator=generator, exclude=ex)
+    neg_img = sample_hard_negatives(sub.t(), pos, generator=generator, exclude=ex.t())
+    img = torch.cat([keep, keep, keep[neg_img]])
+    txt = torch.cat([keep, keep[neg_txt], keep])
+    m = len(keep)
+    labels = torch.cat([torch.ones(m), torch.zeros(2 * m)]).long().to(sim.device)
+    return img, txt, labels

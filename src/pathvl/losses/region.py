@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pathvl.dist import all_gather_no_grad, gather_with_grad, get_rank, get_world_size
 from pathvl.losses.contrastive import as_scalar, fp32_forward, zero_loss
-from pathvl.train.distributed import all_gather_no_grad, gather_with_grad, get_rank, get_world_size
 
 __all__ = ["RegionAlignLoss"]
 

@@ -1,15 +1,97 @@
-"""Shared layers of the three model families: MLPs, fusion (self + cross attention) blocks, attention
-pooling, and a prefix-LM decoder.
+"""Shared layers of the three model families: one attention (SDPA), MLPs, fusion (self + cross
+attention) blocks, Fourier position features, masks and a prefix-LM decoder.
 
-Shapes are written ``(B, L, d)``: batch, sequence, width. Padding masks are boolean with ``True`` for
-real tokens (the Hugging Face convention), converted to PyTorch's "ignore" convention inside.
+Shapes are written ``(B, L, d)``: batch, sequence, width. **One mask convention everywhere: boolean,
+True where attention is allowed** (padding masks are True for real tokens, the Hugging Face convention;
+:func:`causal_mask` is True on and below the diagonal), which is what
+:func:`torch.nn.functional.scaled_dot_product_attention` takes.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pathvl.errors import UserError
+
+
+class ModelInputError(UserError, ValueError):
+    """Inputs a model cannot take: features of another width, a slide without patches, NaN features."""
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, heads: int, dropout: float = 0.0) -> Tensor:
+    """Multi-head scaled dot-product attention of ``q (B, Sq, d)`` over ``k, v (B, Sk, d)``.
+
+    Args:
+        q: Queries (already projected).
+        k: Keys (already projected).
+        v: Values (already projected).
+        allowed: ``(B, Sq, Sk)`` or ``(Sq, Sk)`` boolean, True where attention is allowed (None: all).
+        heads: Heads; ``d`` must be divisible by it.
+        dropout: Attention dropout (pass 0 in eval mode).
+
+    Returns:
+        ``(B, Sq, d)``.
+    """
+    B, Sq, d = q.shape
+
+    def split(x: Tensor) -> Tensor:  # (B, S, d) -> (B, h, S, d/h)
+        return x.view(B, x.shape[1], heads, d // heads).transpose(1, 2)
+
+    mask = None
+    if allowed is not None:
+        mask = allowed[None, None] if allowed.dim() == 2 else allowed[:, None]
+    o = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask, dropout_p=dropout)
+    return o.transpose(1, 2).reshape(B, Sq, d)
+
+
+def key_mask(x_len: int, key_valid: Tensor | None, attn: Tensor | None = None) -> Tensor | None:
+    """``(B, Lq, Lk)`` allowed-mask from a key padding mask ``(B, Lk)`` (True = real) and an optional
+    ``(Lq, Lk)`` allowed pattern (e.g. :func:`causal_mask`); None when neither is given."""
+    if key_valid is None:
+        return attn
+    m = key_valid.bool()[:, None, :].expand(-1, x_len, -1)
+    return m if attn is None else m & attn[None]
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention on SDPA with separate query/key/value/output projections.
+
+    Initialised like :class:`torch.nn.MultiheadAttention` (Xavier-uniform projections, zero biases).
+
+    Args:
+        d: Width.
+        heads: Heads.
+        dropout: Attention dropout.
+    """
+
+    def __init__(self, d: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d % heads:
+            raise ValueError(f"width {d} is not divisible by {heads} heads")
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+        for lin in (self.q, self.k, self.v):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        nn.init.zeros_(self.out.bias)
+        self.heads = heads
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, memory: Tensor | None = None, allowed: Tensor | None = None) -> Tensor:
+        """``x (B, Lq, d)`` attends to ``memory (B, Lk, d)`` (default: itself); ``allowed`` as in :func:`attend`."""
+        m = x if memory is None else memory
+        p = self.dropout if self.training else 0.0
+        return self.out(attend(self.q(x), self.k(m), self.v(m), allowed, self.heads, p))
+
+
+def fourier_features(pos: Tensor, octaves: int) -> Tensor:
+    """``(..., 2)`` positions in [0, 1] -> ``(..., 4 * octaves)`` sines and cosines at ``2^i * pi``."""
+    freqs = (2.0 ** torch.arange(octaves, device=pos.device, dtype=torch.float32)) * math.pi
+    x = pos.float()[..., None] * freqs  # (..., 2, F)
+    return torch.cat([x.sin(), x.cos()], dim=-1).flatten(-2)
 
 
 class MLP(nn.Module):
@@ -57,12 +139,12 @@ class FusionLayer(nn.Module):
     def __init__(self, d: int, heads: int, ff: int, cross: bool = True, dropout: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(d)
-        self.self_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.self_attn = MultiHeadAttention(d, heads, dropout)
         self.cross = cross
         if cross:
             self.norm2 = nn.LayerNorm(d)
             self.norm_mem = nn.LayerNorm(d)
-            self.cross_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+            self.cross_attn = MultiHeadAttention(d, heads, dropout)
         self.norm3 = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, ff), nn.GELU(), nn.Dropout(dropout), nn.Linear(ff, d))
 
@@ -73,15 +155,12 @@ class FusionLayer(nn.Module):
             memory: ``(B, Lm, d)`` tokens attended by cross-attention.
             x_mask: ``(B, Lq)`` True for real query tokens.
             memory_mask: ``(B, Lm)`` True for real memory tokens.
-            attn_mask: ``(Lq, Lq)`` boolean, True where attention is NOT allowed (e.g. causal).
+            attn_mask: ``(Lq, Lq)`` boolean, True where attention is allowed (e.g. :func:`causal_mask`).
         """
-        h = self.norm1(x)
-        kpm = None if x_mask is None else ~x_mask
-        x = x + self.self_attn(h, h, h, key_padding_mask=kpm, attn_mask=attn_mask, need_weights=False)[0]
+        Lq = x.shape[1]
+        x = x + self.self_attn(self.norm1(x), allowed=key_mask(Lq, x_mask, attn_mask))
         if self.cross and memory is not None:
-            m = self.norm_mem(memory)
-            mkpm = None if memory_mask is None else ~memory_mask
-            x = x + self.cross_attn(self.norm2(x), m, m, key_padding_mask=mkpm, need_weights=False)[0]
+            x = x + self.cross_attn(self.norm2(x), self.norm_mem(memory), key_mask(Lq, memory_mask))
         return x + self.mlp(self.norm3(x))
 
 
@@ -113,29 +192,6 @@ class FusionEncoder(nn.Module):
         return self.norm(x)
 
 
-class AttentionPool(nn.Module):
-    """Gated attention pooling (Ilse et al. 2018) of a bag of tokens into one vector.
-
-    Args:
-        d: Token width.
-        hidden: Width of the attention network.
-    """
-
-    def __init__(self, d: int, hidden: int = 128) -> None:
-        super().__init__()
-        self.a = nn.Linear(d, hidden)
-        self.b = nn.Linear(d, hidden)
-        self.w = nn.Linear(hidden, 1)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Returns ``(pooled (B, d), weights (B, L))`` for ``x (B, L, d)``."""
-        logits = self.w(torch.tanh(self.a(x)) * torch.sigmoid(self.b(x))).squeeze(-1)
-        if mask is not None:
-            logits = logits.masked_fill(~mask, float("-inf"))
-        w = torch.softmax(logits, dim=-1)
-        return torch.einsum("bl,bld->bd", w, x), w
-
-
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``x (B, L, d)`` over positions where ``mask (B, L)`` is True."""
     m = mask.to(x.dtype).unsqueeze(-1)
@@ -143,21 +199,21 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def causal_mask(n: int, device: torch.device | None = None) -> Tensor:
-    """``(n, n)`` boolean mask, True above the diagonal (a token cannot see later tokens)."""
-    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+    """``(n, n)`` boolean mask, True on and below the diagonal (a token sees itself and earlier tokens)."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
 
 
 def prefix_lm_mask(n_prefix: int, n_text: int, device: torch.device | None = None) -> Tensor:
-    """Prefix-LM attention mask (True = blocked) over ``[prefix; text]``.
+    """Prefix-LM attention mask (True = allowed) over ``[prefix; text]``.
 
     The prefix attends to itself bidirectionally and never to the text; text token ``t`` sees the whole
     prefix and text tokens ``<= t`` (Raffel et al. 2020, "prefix LM"; SimVLM, Wang et al. 2022).
     """
     n = n_prefix + n_text
-    blocked = torch.zeros(n, n, dtype=torch.bool, device=device)
-    blocked[:n_prefix, n_prefix:] = True
-    blocked[n_prefix:, n_prefix:] = causal_mask(n_text, device)
-    return blocked
+    allowed = torch.zeros(n, n, dtype=torch.bool, device=device)
+    allowed[:, :n_prefix] = True
+    allowed[n_prefix:, n_prefix:] = causal_mask(n_text, device)
+    return allowed
 
 
 class PrefixLMDecoder(nn.Module):
@@ -203,20 +259,15 @@ class PrefixLMDecoder(nn.Module):
         return self.head(h[:, P:])
 
     @torch.no_grad()
-    def generate(self, prefix: Tensor, bos_id: int, eos_id: int, max_new_tokens: int = 40) -> Tensor:
-        """Greedy decoding after the prefix; returns ``(B, T)`` token ids starting with ``bos_id``."""
-        B = prefix.shape[0]
-        ids = torch.full((B, 1), bos_id, dtype=torch.long, device=prefix.device)
-        done = torch.zeros(B, dtype=torch.bool, device=prefix.device)
-        for _ in range(min(max_new_tokens, self.max_len - 1)):
-            nxt = self.forward(prefix, ids)[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            done |= nxt == eos_id
-            if bool(done.all()):
-                break
-        return ids
+    def generate(self, prefix: Tensor, bos_id: int, eos_id: int, max_new_tokens: int = 40,
+                 num_beams: int = 1) -> list[list[int]]:
+        """Decoding after the prefix with :func:`~pathvl.models.decoding.beam_search` (``num_beams=1``:
+        greedy); returns the generated token ids of each row, without ``bos_id`` and ``eos_id``."""
+        from pathvl.models.decoding import beam_search
 
+        def step(seqs: Tensor, src: Tensor) -> Tensor:
+            ids = torch.cat([torch.full((len(seqs), 1), bos_id, dtype=torch.long, device=seqs.device), seqs], 1)
+            return self.forward(prefix[src], ids)[:, -1]
 
-def l2norm(x: Tensor) -> Tensor:
-    return F.normalize(x, dim=-1)
+        return beam_search(step, prefix.shape[0], eos_id, num_beams, min(max_new_tokens, self.max_len - 1),
+                           device=prefix.device)

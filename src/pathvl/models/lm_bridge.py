@@ -10,86 +10,45 @@ Versatile Computational Pathology", 2025)::
 
 Training runs in two stages (LLaVA's recipe): stage 1 trains the projector only (LM and slide encoder
 frozen); stage 2 adds LoRA adapters (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models",
-ICLR 2022) to the LM's attention projections. LoRA is implemented here in a few lines (:class:`LoRALinear`,
-:func:`apply_lora`), so ``peft`` is not needed.
+ICLR 2022) to the LM's attention projections through the ``peft`` library (:func:`apply_lora`, which
+PathFLIP's text-encoder LoRA uses too).
 
 ``forward`` returns ``lm_logits`` and ``lm_labels`` (the prompt, the visual tokens and the padding are
--100) for :class:`pathvl.losses.LMLoss`, which shifts by one position inside. Generation is greedy with
-the LM's KV cache; position ids are computed from the attention mask, so left padding is exact.
+-100) for :class:`pathvl.losses.LMLoss`, which shifts by one position inside. Generation
+(:meth:`LMBridge.generate`) is greedy or sampled (temperature, top-k, nucleus top-p) with the LM's KV
+cache, or beam search (:func:`pathvl.models.decoding.beam_search`); position ids are computed from the
+attention mask, so left padding is exact.
 """
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from pathvl.losses.lm import IGNORE_INDEX
+from pathvl.models.decoding import beam_search
 from pathvl.models.layers import MLP
 
 __all__ = [
     "BridgeConfig",
-    "InstructionDataset",
+    "BridgeTokenizer",
+    "Decoding",
     "LMBridge",
-    "LoRALinear",
     "PathFLIPInstruct",
     "apply_lora",
-    "collate_instructions",
     "default_lora_targets",
-    "load_causal_lm",
+    "filter_logits",
+    "has_lora",
     "lora_parameters",
     "select_patches",
-    "tiny_causal_lm",
-    "word_level_tokenizer",
 ]
-
-IGNORE_INDEX = -100
 
 
 # ------------------------------------------------------------------------------------------------ LoRA
-class LoRALinear(nn.Module):
-    r"""A frozen linear map plus a trainable low-rank update, :math:`h = W x + \frac{\alpha}{r} B A x`.
-
-    Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022. ``A`` is initialised like
-    a linear layer (Kaiming uniform) and ``B`` at zero, so wrapping does not change the output.
-
-    Args:
-        base: ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2; weight stored ``(in, out)``).
-        rank: :math:`r`.
-        alpha: :math:`\alpha`.
-        dropout: Dropout on the input of the low-rank branch.
-    """
-
-    def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> None:
-        super().__init__()
-        if isinstance(base, nn.Linear):
-            d_in, d_out = base.in_features, base.out_features
-        elif hasattr(base, "nf") and hasattr(base, "weight"):  # transformers.pytorch_utils.Conv1D
-            d_in, d_out = base.weight.shape[0], base.weight.shape[1]
-        else:
-            raise TypeError(f"LoRA wraps nn.Linear or Conv1D modules, got {type(base).__name__}")
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        self.base = base
-        self.base.requires_grad_(False)
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, d_in, device=w.device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(d_out, rank, device=w.device, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.scaling = alpha / rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.base(x)
-        z = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()
-        return h + (z * self.scaling).to(h.dtype)
-
-
 _TARGET_SETS = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",), ("qkv_proj",), ("Wqkv",), ("query_key_value",))
 
 
@@ -108,124 +67,73 @@ def default_lora_targets(model: nn.Module) -> tuple[str, ...]:
                      "pass lora_targets=")
 
 
+def _is_conv1d(m: nn.Module) -> bool:  # transformers.pytorch_utils.Conv1D (GPT-2): weight stored (in, out)
+    return hasattr(m, "nf") and hasattr(m, "weight")
+
+
 def _linear_names(model: nn.Module) -> set[str]:
-    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or hasattr(m, "nf")}
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
+
+
+def has_lora(model: nn.Module) -> bool:
+    """True when ``model`` already holds peft LoRA layers."""
+    from peft.tuners.lora import LoraLayer
+
+    return any(isinstance(m, LoraLayer) for m in model.modules())
 
 
 def apply_lora(model: nn.Module, targets: Sequence[str] | None = None, rank: int = 8, alpha: float = 16.0,
                dropout: float = 0.0) -> list[str]:
-    """Wrap every linear layer whose name ends with one of ``targets`` in a :class:`LoRALinear` (in place).
+    r"""Adds LoRA adapters to the linear layers named by ``targets``, in place, through the peft library.
+
+    Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022: a frozen map becomes
+    :math:`h = W x + \frac{\alpha}{r} B A x` with ``A`` Kaiming-uniform and ``B`` zero (so the output is
+    unchanged at first). ``peft.inject_adapter_in_model`` replaces each target by a ``peft`` LoRA layer
+    (the base weight moves to ``<name>.base_layer.weight``, the factors are
+    ``<name>.lora_A.default.weight`` / ``lora_B``); the model keeps its own class (no ``PeftModel``
+    wrapper), so ``inputs_embeds``, ``logits_to_keep`` and the KV cache work as before. Every parameter of
+    ``model`` but the LoRA factors is frozen; GPT-2's ``Conv1D`` layers are handled (``fan_in_fan_out``).
 
     Args:
-        model: Any module (e.g. a Hugging Face LM or BERT).
+        model: Any module (a Hugging Face causal LM, a BERT text encoder).
         targets: Last name components (``q_proj``) or dotted suffixes; default :func:`default_lora_targets`.
-        rank: LoRA rank.
-        alpha: LoRA alpha.
-        dropout: LoRA dropout.
+        rank: LoRA rank :math:`r`.
+        alpha: LoRA :math:`\alpha`.
+        dropout: Dropout on the input of the low-rank branch.
 
     Returns:
-        The names of the wrapped modules (already wrapped ones are skipped).
+        The names of the adapted modules; ``[]`` when ``model`` already has LoRA layers (idempotent).
 
     Raises:
-        ValueError: Nothing matched ``targets``.
+        ValueError: Nothing matched ``targets``, or ``rank < 1``.
     """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if has_lora(model):
+        return []
     targets = tuple(targets) if targets else default_lora_targets(model)
-    wrapped = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            continue
-        if not any(name == t or name.endswith("." + t) for t in targets):
-            continue
-        if not (isinstance(module, nn.Linear) or hasattr(module, "nf")):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if isinstance(parent, LoRALinear):
-            continue
-        setattr(parent, child, LoRALinear(module, rank=rank, alpha=alpha, dropout=dropout))
-        wrapped.append(name)
-    if not wrapped and not any(isinstance(m, LoRALinear) for m in model.modules()):
+    matched = [(name, m) for name, m in model.named_modules()
+               if any(name == t or name.endswith("." + t) for t in targets)
+               and (isinstance(m, nn.Linear) or _is_conv1d(m))]
+    if not matched:
         raise ValueError(f"LoRA targets {targets} matched no linear layer; linear layers are named "
                          f"{sorted(_linear_names(model))}")
-    return wrapped
+    cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout), bias="none",
+                     target_modules=[n for n, _ in matched], fan_in_fan_out=any(_is_conv1d(m) for _, m in matched))
+    inject_adapter_in_model(cfg, model)
+    return [n for n, _ in matched]
 
 
 def lora_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """``(name, parameter)`` of every LoRA ``A`` and ``B`` matrix in ``model``."""
     for name, p in model.named_parameters():
-        if name.endswith("lora_A") or name.endswith("lora_B"):
+        if ".lora_A." in name or ".lora_B." in name:
             yield name, p
 
 
-# ------------------------------------------------------------------------------------------ the LMs
-def _offline() -> None:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-
-
-def load_causal_lm(path: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
-    """A causal LM and its tokenizer from a local Hugging Face folder (never downloads).
-
-    Raises:
-        FileNotFoundError: ``path`` is not a model folder.
-    """
-    _offline()
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: not a local Hugging Face model folder (no config.json); nothing is "
-                                "downloaded")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    lm = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kwargs)
-    return lm, tok
-
-
-def tiny_causal_lm(tokenizer: Any, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0,
-                   max_positions: int = 512, init_std: float = 0.02) -> nn.Module:
-    """A tiny randomly initialised Llama (tests, demos) sized to ``tokenizer``'s vocabulary.
-
-    ``init_std`` is the weight initialisation; a large one (e.g. 0.3) gives a random LM whose next-token
-    distribution can be steered far from uniform, which lets tests learn a task through the projector.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    bos, eos, pad = _special_ids(tokenizer)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=max_positions, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
-                      tie_word_embeddings=True, initializer_range=init_std)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(cfg)
-
-
-def word_level_tokenizer(texts: Sequence[str], extra: Sequence[str] = ()) -> Any:
-    """A small lowercase word-level tokenizer built offline from ``texts`` (tests and demos of tiny LMs).
-
-    The vocabulary holds ``<pad> <s> </s> <unk>``, the letters a-z, every word and punctuation mark of
-    ``texts`` (split like the tokenizers library's ``Whitespace`` pre-tokenizer) and ``extra``.
-
-    Returns:
-        A ``transformers.PreTrainedTokenizerFast`` with pad, bos, eos and unk tokens.
-    """
-    import re
-
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {w for t in texts for w in re.findall(r"\w+|[^\w\s]+", str(t).lower())}
-    words |= set("abcdefghijklmnopqrstuvwxyz") | {str(w).lower() for w in extra}
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {w: i for i, w in enumerate(specials + sorted(words - set(specials)))}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
-
-
+# ------------------------------------------------------------------------------------------ tokens
 def _special_ids(tokenizer: Any) -> tuple[int | None, int, int]:
     """``(bos, eos, pad)`` ids; BERT-style tokenizers use ``[CLS]``/``[SEP]``."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
@@ -236,7 +144,6 @@ def _special_ids(tokenizer: Any) -> tuple[int | None, int, int]:
     return bos, eos, pad
 
 
-# ------------------------------------------------------------------------------------------ the bridge
 @dataclass
 class BridgeConfig:
     """The LM bridge.
@@ -266,6 +173,98 @@ class BridgeConfig:
     stage: int = 1
 
 
+def _tokenize(tok: Any, cfg: BridgeConfig, bos: int | None, eos: int, pad: int, prompts: Sequence[str],
+              answers: Sequence[str] | None) -> dict[str, Tensor]:
+    p_ids = []
+    for p in prompts:
+        ids = tok(str(p), add_special_tokens=False)["input_ids"]
+        head = [bos] if bos is not None else []
+        p_ids.append(head + ids[: cfg.max_prompt_tokens - len(head)])
+    out = _pad(p_ids, pad, left=True, prefix="prompt")
+    if answers is not None:
+        if len(answers) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+        a_ids = [[*tok(str(a), add_special_tokens=False)["input_ids"][: cfg.max_answer_tokens - 1], eos]
+                 for a in answers]
+        out.update(_pad(a_ids, pad, left=False, prefix="answer"))
+    return out
+
+
+class BridgeTokenizer:
+    """:meth:`LMBridge.tokenize` without the LM (for data loaders): left-padded prompts with bos,
+    right-padded answers with eos.
+
+    Args:
+        tokenizer: The LM's tokenizer.
+        cfg: Bridge settings (truncation lengths).
+    """
+
+    def __init__(self, tokenizer: Any, cfg: BridgeConfig | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.cfg = cfg or BridgeConfig()
+        self.bos, self.eos, self.pad = _special_ids(tokenizer)
+
+    def tokenize(self, prompts: Sequence[str], answers: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """See :meth:`LMBridge.tokenize`."""
+        return _tokenize(self.tokenizer, self.cfg, self.bos, self.eos, self.pad, prompts, answers)
+
+
+# ------------------------------------------------------------------------------------------ decoding
+@dataclass(frozen=True)
+class Decoding:
+    """How an answer is decoded.
+
+    Attributes:
+        max_new_tokens: Longest answer (eos excluded).
+        num_beams: Beam width (1: greedy or sampling); beam search is deterministic.
+        do_sample: Sample the next token instead of taking the most likely one.
+        temperature: Sampling temperature (logits divided by it).
+        top_k: Sample among the ``top_k`` most likely tokens only (0: all).
+        top_p: Nucleus sampling: the smallest set of most likely tokens whose probability reaches ``top_p``
+            (Holtzman et al., "The Curious Case of Neural Text Degeneration", ICLR 2020); 1: all.
+        length_penalty: Beam search: a hypothesis scores its summed log-probability / length ** this.
+        seed: Seed of the sampling generator (None: torch's global generator).
+    """
+
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    length_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.num_beams < 1:
+            raise ValueError("max_new_tokens and num_beams must be >= 1")
+        if self.do_sample and self.num_beams > 1:
+            raise ValueError("choose sampling or beam search, not both (num_beams > 1 with do_sample)")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Sampling logits ``(B, V)``: divided by ``temperature``, then all but the ``top_k`` largest and all
+    outside the nucleus of probability ``top_p`` set to ``-inf`` (the most likely token always stays)."""
+    x = logits.float() / temperature
+    if top_k and top_k < x.shape[-1]:
+        kth = x.topk(top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        srt, idx = x.sort(dim=-1, descending=True)
+        probs = srt.softmax(-1)
+        before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
+        drop = before >= top_p
+        x = x.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
+    return x
+
+
+# ------------------------------------------------------------------------------------------ the bridge
 class LMBridge(nn.Module):
     """Visual tokens projected into a causal LM's input embeddings (see the module docstring).
 
@@ -291,10 +290,11 @@ class LMBridge(nn.Module):
 
     # ------------------------------------------------------------------ stages
     def set_stage(self, stage: int) -> None:
-        """Stage 1: only the projector trains. Stage 2: projector and LoRA adapters (added on first use)."""
+        """Stage 1: only the projector trains. Stage 2: projector and LoRA adapters (added on first use,
+        through peft: :func:`apply_lora`)."""
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
-        if stage == 2 and not any(isinstance(m, LoRALinear) for m in self.lm.modules()):
+        if stage == 2 and not has_lora(self.lm):
             c = self.cfg
             apply_lora(self.lm, c.lora_targets or None, rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout)
         self.lm.requires_grad_(False)
@@ -312,21 +312,7 @@ class LMBridge(nn.Module):
     def tokenize(self, prompts: Sequence[str], answers: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Prompts left-padded (``prompt_ids``/``prompt_mask``) and answers right-padded with eos appended
         (``answer_ids``/``answer_mask``); no special tokens but bos/eos are added."""
-        tok = self.tokenizer
-        c = self.cfg
-        p_ids = []
-        for p in prompts:
-            ids = tok(str(p), add_special_tokens=False)["input_ids"]
-            head = [self.bos] if self.bos is not None else []
-            p_ids.append(head + ids[: c.max_prompt_tokens - len(head)])
-        out = _pad(p_ids, self.pad, left=True, prefix="prompt")
-        if answers is not None:
-            if len(answers) != len(prompts):
-                raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-            a_ids = [[*tok(str(a), add_special_tokens=False)["input_ids"][: c.max_answer_tokens - 1], self.eos]
-                     for a in answers]
-            out.update(_pad(a_ids, self.pad, left=False, prefix="answer"))
-        return out
+        return _tokenize(self.tokenizer, self.cfg, self.bos, self.eos, self.pad, prompts, answers)
 
     # ------------------------------------------------------------------ forward
     def _inputs(self, visual: Tensor, visual_mask: Tensor | None, prompt_ids: Tensor, prompt_mask: Tensor,
@@ -368,40 +354,79 @@ class LMBridge(nn.Module):
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
         return {"lm_logits": out.logits, "lm_labels": labels}
 
+    # ------------------------------------------------------------------ generation
+    def _decode(self, rows: Sequence[Sequence[int]]) -> list[str]:
+        texts = []
+        for row in rows:
+            row = list(row)
+            if self.eos in row:
+                row = row[: row.index(self.eos)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return texts
+
     @torch.no_grad()
     def generate(self, visual: Tensor, visual_mask: Tensor | None, prompts: Sequence[str] | Mapping[str, Tensor],
-                 max_new_tokens: int = 32) -> list[str]:
-        """Greedy answers to ``prompts`` (strings, or the output of :meth:`tokenize`)."""
+                 max_new_tokens: int = 32, decoding: Decoding | None = None) -> list[str]:
+        """Answers to ``prompts`` (strings, or the output of :meth:`tokenize`) after the visual tokens.
+
+        Args:
+            visual: ``(B, T, visual_dim)``.
+            visual_mask: ``(B, T)`` or None.
+            prompts: One prompt per row.
+            max_new_tokens: Longest answer (when ``decoding`` is None: greedy).
+            decoding: Greedy, sampling or beam search (:class:`Decoding`); its ``max_new_tokens`` wins.
+        """
+        d = decoding or Decoding(max_new_tokens=max_new_tokens)
         tok = prompts if isinstance(prompts, Mapping) else self.tokenize(list(prompts))
         dev = visual.device
         p_ids, p_mask = tok["prompt_ids"].to(dev), tok["prompt_mask"].to(dev)
         embeds, mask, pos, _ = self._inputs(visual, visual_mask, p_ids, p_mask)
+        if d.num_beams > 1:
+            return self._beam(embeds, mask, d)
+        gen = None
+        if d.do_sample and d.seed is not None:
+            gen = torch.Generator(device=dev).manual_seed(int(d.seed))
+
+        def pick(logits: Tensor) -> Tensor:
+            if not d.do_sample:
+                return logits.argmax(-1)
+            probs = filter_logits(logits, d.temperature, d.top_k, d.top_p).softmax(-1)
+            return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
         B = embeds.shape[0]
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
         past = out.past_key_values
-        nxt = out.logits[:, -1].argmax(-1)
+        nxt = pick(out.logits[:, -1])
         done = torch.zeros(B, dtype=torch.bool, device=dev)
-        gen = []
+        ids = []
         last = pos[:, -1:]
-        for step in range(max_new_tokens):
+        for step in range(d.max_new_tokens):
             nxt = torch.where(done, torch.full_like(nxt, self.eos), nxt)
-            gen.append(nxt)
+            ids.append(nxt)
             done |= nxt == self.eos
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if bool(done.all()) or step == d.max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)
             last = last + 1
             out = self.lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=last, past_key_values=past,
                           use_cache=True)
             past = out.past_key_values
-            nxt = out.logits[:, -1].argmax(-1)
-        ids = torch.stack(gen, dim=1).tolist()
-        texts = []
-        for row in ids:
-            if self.eos in row:
-                row = row[: row.index(self.eos)]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
-        return texts
+            nxt = pick(out.logits[:, -1])
+        return self._decode(torch.stack(ids, dim=1).tolist())
+
+    def _beam(self, prefix: Tensor, pmask: Tensor, d: Decoding) -> list[str]:
+        """Beam search over the uncached LM (the prefix embeddings are recomputed with each continuation)."""
+        emb = self.lm.get_input_embeddings()
+
+        def step(seqs: Tensor, src: Tensor) -> Tensor:
+            e = torch.cat([prefix[src], emb(seqs)], dim=1)
+            m = torch.cat([pmask[src], torch.ones_like(seqs)], dim=1)
+            pos = (m.cumsum(-1) - 1).clamp_min(0)
+            return self.lm(inputs_embeds=e, attention_mask=m, position_ids=pos, use_cache=False).logits[:, -1]
+
+        rows = beam_search(step, prefix.shape[0], self.eos, d.num_beams, d.max_new_tokens, d.length_penalty,
+                           prefix.device)
+        return self._decode(rows)
 
 
 def _pad(seqs: list[list[int]], pad: int, left: bool, prefix: str) -> dict[str, Tensor]:
@@ -445,21 +470,30 @@ class PathFLIPInstruct(nn.Module):
     and an :class:`LMBridge` (PathFLIP, Liu et al. 2025, "instruction following" with an LLM).
 
     The visual tokens of a slide are its latent tokens followed by the ``top_k_patches`` patch tokens most
-    similar to the instruction (PathFLIP's text-conditioned patch scores).
+    similar to the instruction (PathFLIP's text-conditioned patch scores). The model follows the
+    :class:`~pathvl.eval.protocols.SlideModel` protocol by delegating ``tokenize``, ``encode_text``,
+    ``encode_slide``, ``similarity`` and ``patch_text_scores`` to its slide model, so every slide-level
+    evaluation takes it; :meth:`generate` answers questions.
 
     Args:
         slide_model: A trained :class:`pathvl.models.pathflip.PathFLIP` (frozen here).
         lm: The causal LM.
         tokenizer: The LM's tokenizer.
         cfg: Bridge settings.
+        default_prompt: The instruction when :meth:`generate` is given none.
     """
 
-    def __init__(self, slide_model: nn.Module, lm: nn.Module, tokenizer: Any, cfg: BridgeConfig | None = None) -> None:
+    family = "pathflip-instruct"
+
+    def __init__(self, slide_model: nn.Module, lm: nn.Module, tokenizer: Any, cfg: BridgeConfig | None = None,
+                 default_prompt: str = "Describe this slide.") -> None:
         super().__init__()
         self.slide = slide_model
         self.slide.requires_grad_(False)
         self.slide.eval()
         self.bridge = LMBridge(lm, tokenizer, slide_model.width, cfg)
+        self.cfg = self.bridge.cfg
+        self.default_prompt = default_prompt
 
     def train(self, mode: bool = True) -> PathFLIPInstruct:
         super().train(mode)
@@ -470,11 +504,45 @@ class PathFLIPInstruct(nn.Module):
         """See :meth:`LMBridge.set_stage`."""
         self.bridge.set_stage(stage)
 
+    # ------------------------------------------------------------------ the SlideModel protocol (delegated)
+    @property
+    def tokenizer(self) -> Any:
+        """The slide model's text tokenizer (instructions are scored against patches with it)."""
+        return self.slide.tokenizer
+
+    @property
+    def logit_scale(self) -> Tensor:
+        """The slide model's learned (log) contrastive scale."""
+        return self.slide.logit_scale
+
+    @property
+    def device(self) -> torch.device:
+        return self.slide.logit_scale.device
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        return self.slide.tokenize(texts)
+
+    def encode_text(self, tokens: Mapping[str, Tensor] | Sequence[str], normalize: bool = True) -> Tensor:
+        return self.slide.encode_text(tokens, normalize)
+
+    def encode_slide(self, features: Tensor, mask: Tensor | None = None, pos: Tensor | None = None,
+                     normalize: bool = True) -> Tensor:
+        return self.slide.encode_slide(features, mask, pos, normalize)
+
+    def similarity(self, slide_emb: Tensor, text_emb: Tensor) -> Tensor:
+        return self.slide.similarity(slide_emb, text_emb)
+
+    def patch_text_scores(self, features: Tensor, mask: Tensor | None, pos: Tensor | None,
+                          texts: Mapping[str, Tensor] | Sequence[str | Sequence[str]],
+                          mode: str = "similarity") -> Tensor:
+        return self.slide.patch_text_scores(features, mask, pos, texts, mode=mode)
+
+    # ------------------------------------------------------------------ instruction following
     @torch.no_grad()
     def visual_tokens(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Latent tokens + instruction-selected patch tokens ``(B, M + k, d)`` and their mask."""
         feats, pmask = batch["features"], batch["patch_mask"].bool()
-        P, L = self.slide.encode_patches(feats, pmask, batch.get("coords"))
+        P, L = self.slide.encode_patches(feats, pmask, batch.get("pos"))
         tok = {"input_ids": batch["instr_ids"], "attention_mask": batch["instr_attn"]}
         q = self.slide.encode_text_local(tok, normalize=True)  # (B, E)
         scores = self.slide.patch_similarity(P, q[:, None])[:, 0]  # (B, N)
@@ -484,71 +552,62 @@ class PathFLIPInstruct(nn.Module):
         return vis, vmask
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``lm_logits`` and ``lm_labels`` for a batch of :func:`collate_instructions`."""
+        """``lm_logits`` and ``lm_labels`` for a batch of :func:`pathvl.data.instructions.collate_instructions`."""
         vis, vmask = self.visual_tokens(batch)
         return self.bridge(vis, vmask, batch["prompt_ids"], batch["prompt_mask"], batch["answer_ids"],
                            batch["answer_mask"])
 
+    def instruction_batch(self, features: Tensor, mask: Tensor | None, pos: Tensor | None,
+                          prompts: Sequence[str]) -> dict[str, Tensor]:
+        """A generation batch: padded slides and the prompts in both tokenizers."""
+        dev = self.device
+        B, N, _ = features.shape
+        m = torch.ones(B, N, dtype=torch.bool) if mask is None else mask
+        instr = self.slide.tokenize(list(prompts))
+        batch = {"features": features.to(dev), "patch_mask": m.to(dev).bool(),
+                 "instr_ids": instr["input_ids"].to(dev), "instr_attn": instr["attention_mask"].to(dev)}
+        if pos is not None:
+            batch["pos"] = pos.to(dev)
+        batch.update({k: v.to(dev) for k, v in self.bridge.tokenize(list(prompts)).items()})
+        return batch
+
     @torch.no_grad()
-    def generate(self, batch: Mapping[str, Tensor], max_new_tokens: int = 32) -> list[str]:
-        """Greedy answers for a batch of :func:`collate_instructions` (answers, if present, are unused)."""
+    def generate(self, features: Tensor | Mapping[str, Tensor], mask: Tensor | None = None, pos: Tensor | None = None,
+                 prompts: str | Sequence[str] | None = None, contexts: Any = None, max_new_tokens: int = 64,
+                 num_beams: int = 1, length_penalty: float = 1.0, decoding: Decoding | None = None) -> list[str]:
+        """Answers for a batch of slides (the argument order of :meth:`pathvl.models.pathalign.PathAlign.generate`).
+
+        Args:
+            features: ``(B, N, D)`` patch features, or a whole batch of
+                :func:`~pathvl.data.instructions.collate_instructions` (then ``mask``, ``pos`` and ``prompts``
+                are taken from it).
+            mask: ``(B, N)`` True for real patches.
+            pos: ``(B, N, 2)`` patch centres in [0, 1].
+            prompts: One instruction, or one per slide (default :attr:`default_prompt`).
+            contexts: Clinical context put before each prompt (``"Clinical context: ...\\n"``), or None.
+            max_new_tokens: Longest answer (greedy unless ``decoding`` says otherwise).
+            num_beams: Beam width.
+            length_penalty: Beam-search length normalisation.
+            decoding: Full decoding options (:class:`Decoding`, e.g. sampling); overrides the three above.
+        """
+        d = decoding or Decoding(max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty)
+        if isinstance(features, Mapping):
+            batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in features.items()}
+        else:
+            B = features.shape[0]
+            plist = [prompts] * B if prompts is None or isinstance(prompts, str) else list(prompts)
+            clist = [contexts] * B if contexts is None or isinstance(contexts, str) else list(contexts)
+            if len(plist) != B or len(clist) != B:
+                raise ValueError(f"{B} slides but {len(plist)} prompts and {len(clist)} contexts")
+            texts = [self.prompt_text(p, c) for p, c in zip(plist, clist)]
+            batch = self.instruction_batch(features.float(), mask, pos, texts)
         vis, vmask = self.visual_tokens(batch)
-        prompts = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"]}
-        return self.bridge.generate(vis, vmask, prompts, max_new_tokens=max_new_tokens)
+        prompt = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"]}
+        return self.bridge.generate(vis, vmask, prompt, decoding=d)
 
-
-class InstructionDataset(torch.utils.data.Dataset):
-    """Slides paired with instructions and answers (captioning, free-text or multiple-choice VQA).
-
-    Args:
-        slides: A :class:`pathvl.data.slidedata.SlideDataset`.
-        records: Dicts with ``slide_id``, ``prompt`` (or ``question`` + ``options``, formatted by
-            :func:`pathvl.eval.vqa.format_mcq`) and ``answer``.
-
-    Raises:
-        KeyError: A record names a slide that is not in ``slides``.
-    """
-
-    def __init__(self, slides: Any, records: Sequence[Mapping[str, Any]]) -> None:
-        from pathvl.eval.vqa import format_mcq
-
-        self.slides = slides
-        pos = {s: i for i, s in enumerate(slides.slide_ids)}
-        self.items = []
-        for r in records:
-            sid = str(r["slide_id"])
-            if sid not in pos:
-                raise KeyError(f"instruction record names slide {sid!r}, which is not in the slide dataset")
-            prompt = r.get("prompt") or format_mcq(r["question"], r["options"])
-            self.items.append((pos[sid], str(prompt), str(r.get("answer", ""))))
-
-    @staticmethod
-    def captioning(slides: Any, prompt: str = "Describe this slide.") -> InstructionDataset:
-        """Stage-1 records: every slide with ``prompt`` and its caption as the answer."""
-        return InstructionDataset(slides, [{"slide_id": s, "prompt": prompt, "answer": c}
-                                           for s, c in zip(slides.slide_ids, slides.captions)])
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        s, prompt, answer = self.items[i]
-        item = dict(self.slides[s])
-        item.update(prompt=prompt, answer=answer)
-        return item
-
-
-def collate_instructions(items: Sequence[Mapping[str, Any]], slide_tokenizer: Any, bridge: LMBridge,
-                         max_tokens: int = 64) -> dict[str, Tensor]:
-    """A batch for :class:`PathFLIPInstruct`: :func:`~pathvl.data.slidedata.collate_slides` plus
-    ``instr_ids``/``instr_attn`` (the prompt in the slide model's tokenizer, for patch selection) and
-    ``prompt_ids``/``prompt_mask``/``answer_ids``/``answer_mask`` (the LM's tokenizer)."""
-    from pathvl.data.slidedata import collate_slides
-    from pathvl.text.tokenize import tokenize
-
-    batch = collate_slides(items, slide_tokenizer, max_tokens=max_tokens, dedupe_subcaptions=False)
-    prompts = [it["prompt"] for it in items]
-    instr = tokenize(slide_tokenizer, prompts, max_length=max_tokens)
-    batch.update(instr_ids=instr["input_ids"], instr_attn=instr["attention_mask"])
-    batch.update(bridge.tokenize(prompts, [it.get("answer", "") for it in items]))
-    return batch
+    def prompt_text(self, prompt: str | None = None, context: str | None = None) -> str:
+        """The instruction given to the LM: the clinical context (if any), then ``prompt`` (or the default)."""
+        base = self.default_prompt if prompt is None else str(prompt)
+        if context is not None and str(context).strip():
+            return f"Clinical context: {str(context).strip()}\n{base}"
+        return base

@@ -21,15 +21,15 @@ the paper) of bags: one 5x parent and its 10x/20x/40x descendants. Its parts, as
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from functools import partial
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pathvl.losses.lm import IGNORE_INDEX
 from pathvl.models.layers import MLP, FusionEncoder, PrefixLMDecoder, masked_mean
-from pathvl.train.config import DataConfig, register_family
+from pathvl.models.text_backbone import RandomTextSpec, text_backbone
 
 LOSS_NAMES = ("itc", "itm", "mlm", "plm", "cvta", "mrtva")
 
@@ -84,28 +84,6 @@ class MRPLIPConfig:
     init_temperature: float = 0.07
 
 
-def build_text_backbone(cfg: MRPLIPConfig):
-    """The trainable text encoder and its tokenizer (HF ``BertModel``-like, tokenizer)."""
-    from pathvl.encoders import build_text
-
-    if cfg.text_encoder == "random":
-        from transformers import AutoTokenizer, BertConfig, BertModel
-
-        from pathvl.encoders.text import minilm_path
-
-        tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
-        bc = BertConfig(vocab_size=len(tok), hidden_size=cfg.text_width, num_hidden_layers=cfg.text_layers,
-                        num_attention_heads=cfg.text_heads, intermediate_size=4 * cfg.text_width,
-                        max_position_embeddings=max(128, cfg.max_caption_tokens), pad_token_id=tok.pad_token_id)
-        model = BertModel(bc, add_pooling_layer=False)
-        return model, tok, cfg.text_width
-    te = build_text(cfg.text_encoder)
-    model = te.model
-    model.train()
-    model.requires_grad_(True)
-    return model, te.tokenizer, te.width
-
-
 class MRPLIP(nn.Module):
     """The MR-PLIP model (see the module docstring).
 
@@ -122,7 +100,8 @@ class MRPLIP(nn.Module):
             raise ValueError("MRPLIPConfig.feature_dim must be set (the width of the cached patch features)")
         self.cfg = cfg
         self.active = set(active)
-        self.text, self.tokenizer, tw = build_text_backbone(cfg)
+        random = RandomTextSpec(cfg.text_width, cfg.text_layers, cfg.text_heads, max(128, cfg.max_caption_tokens))
+        self.text, self.tokenizer, tw = text_backbone(cfg.text_encoder, "full", random=random)
         d = cfg.width or tw
         self.d = d
         vocab = self.text.get_input_embeddings().num_embeddings
@@ -255,7 +234,7 @@ class MRPLIP(nn.Module):
         if "plm" in act:
             ids, mask = batch["caption_ids"][sel], batch["caption_mask"][sel]
             out["lm_logits"] = self.decoder(v[sel], ids, mask)
-            out["lm_labels"] = ids.masked_fill(~mask.bool(), -100)
+            out["lm_labels"] = ids.masked_fill(~mask.bool(), IGNORE_INDEX)
         return out
 
     def _subset(self, n: int, cap: int, batch: dict[str, Tensor]) -> Tensor:
@@ -268,36 +247,24 @@ class MRPLIP(nn.Module):
 
     def _itm(self, v: Tensor, cap_states: Tensor, batch: dict[str, Tensor], image_emb: Tensor, text_emb: Tensor,
              scale: Tensor) -> dict[str, Tensor]:
-        from pathvl.losses.matching import sample_hard_negatives
+        from pathvl.losses.matching import itm_pairs
 
         rows = self._subset(v.shape[0], self.cfg.itm_max, batch)
         group = batch["caption_group"][rows]
-        same = group[:, None] == group[None, :]
-        ok = (~same).any(1)  # rows that have at least one caption different from theirs
-        rows, same = rows[ok], same[ok][:, ok]
-        mask = batch["caption_mask"]
-        if len(rows) < 2:  # nothing to match against: an empty set of pairs (ITMLoss gives 0)
-            return {"itm_logits": v.new_zeros(0, 2), "itm_labels": torch.zeros(0, dtype=torch.long, device=v.device)}
         with torch.no_grad():
             sim = scale * F.normalize(image_emb[rows], dim=-1) @ F.normalize(text_emb[rows], dim=-1).t()
-            pos = torch.arange(len(rows), device=v.device)
-            neg_txt = sample_hard_negatives(sim, pos, exclude=same)  # a caption for each image
-            neg_img = sample_hard_negatives(sim.t(), pos, exclude=same)  # an image for each caption
-        img_idx = torch.cat([rows, rows, rows[neg_img]])
-        txt_idx = torch.cat([rows, rows[neg_txt], rows])
-        h = self.fuse_text(cap_states[txt_idx], mask[txt_idx], v[img_idx])
-        logits = self.itm_head(h[:, 0])
-        n = len(rows)
-        labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(v.device)
-        return {"itm_logits": logits, "itm_labels": labels}
+            img, txt, labels = itm_pairs(sim, group[:, None] == group[None, :])
+        img_idx, txt_idx = rows[img], rows[txt]
+        h = self.fuse_text(cap_states[txt_idx], batch["caption_mask"][txt_idx], v[img_idx])
+        return {"itm_logits": self.itm_head(h[:, 0]), "itm_labels": labels}
 
     def _mlm(self, v: Tensor, ids: Tensor, mask: Tensor, special: Tensor) -> dict[str, Tensor]:
-        from pathvl.losses.lm import mask_tokens
+        from pathvl.text.tokenize import mask_tokens
 
         masked, labels = mask_tokens(ids, special.bool() | ~mask.bool(), self.mlm_head.out_features,
                                      self.tokenizer.mask_token_id, prob=self.cfg.mlm_prob)
         h = self.fuse_text(self._text_states(masked, mask), mask, v)  # (B, L, d)
-        picked = labels != -100  # the vocabulary projection only where a token is predicted
+        picked = labels != IGNORE_INDEX  # the vocabulary projection only where a token is predicted
         return {"mlm_logits": self.mlm_head(h[picked])[None], "mlm_labels": labels[picked][None]}
 
     @torch.no_grad()
@@ -307,69 +274,4 @@ class MRPLIP(nn.Module):
         bos = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
         eos = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
         ids = self.decoder.generate(self.visual_tokens(features), bos, eos, max_new_tokens)
-        return tok.batch_decode(ids, skip_special_tokens=True)
-
-
-# ------------------------------------------------------------------------------------------ training family
-@dataclass
-class MRPLIPDataConfig(DataConfig):
-    """The ``data:`` section of an MR-PLIP config.
-
-    Attributes:
-        features: Encoder whose cached features are used (``features/<name>``, from ``pathvl embed``).
-        captions: Captioner whose captions and keywords are used (from ``pathvl caption``).
-        mags: Keep only these magnifications; empty keeps all (``[20]``: the single-resolution ablation).
-    """
-
-    features: str = "colour-texture"
-    captions: str = "template"
-    mags: list[float] = field(default_factory=list)
-
-
-def text_tokenizer(cfg: MRPLIPConfig):
-    """The tokenizer of the configured text encoder, without building the encoder."""
-    from transformers import AutoTokenizer
-
-    from pathvl.encoders.text import minilm_path
-
-    if cfg.text_encoder.startswith("bert:"):
-        return AutoTokenizer.from_pretrained(cfg.text_encoder[5:], local_files_only=True)
-    return AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
-
-
-def _bag_dataset(cfg):
-    from pathvl.data.bagdata import BagDataset, BagSource
-
-    return BagDataset(cfg.data.dataset, BagSource(cfg.data.features, cfg.data.captions,
-                                                  tuple(float(m) for m in cfg.data.mags)))
-
-
-def build_model(cfg, dist) -> MRPLIP:
-    """``build_model`` of the engine: the feature width is read from the dataset when not given."""
-    if cfg.model.feature_dim <= 0:
-        cfg.model = replace(cfg.model, feature_dim=_bag_dataset(cfg).feature_dim)
-    active = tuple(k for k, w in cfg.losses.items() if w > 0)
-    return MRPLIP(cfg.model, active=active)
-
-
-def build_data(cfg, dist):
-    """``build_data`` of the engine: resumable, rank-sharded batches of bags."""
-    from pathvl.data.bagdata import collate_bags
-    from pathvl.train.engine import StepLoader
-
-    collate = partial(collate_bags, tokenizer=text_tokenizer(cfg.model),
-                      max_caption_tokens=cfg.model.max_caption_tokens,
-                      max_keyword_tokens=cfg.model.max_keyword_tokens)
-    return StepLoader.from_config(_bag_dataset(cfg), cfg, dist, collate_fn=collate)
-
-
-def build_losses(cfg, dist) -> dict[str, nn.Module]:
-    """``build_losses`` of the engine: one module per MR-PLIP objective."""
-    from pathvl.losses import CVTALoss, ITCLoss, ITMLoss, LMLoss, MLMLoss, MRTVALoss
-
-    return {"itc": ITCLoss(), "itm": ITMLoss(), "mlm": MLMLoss(), "plm": LMLoss(),
-            "cvta": CVTALoss(top_k=cfg.model.top_k), "mrtva": MRTVALoss()}
-
-
-register_family("mrplip", MRPLIPConfig, build_model, build_data, build_losses,
-                data_config_cls=MRPLIPDataConfig, loss_names=LOSS_NAMES)
+        return [tok.decode(t, skip_special_tokens=True) for t in ids]

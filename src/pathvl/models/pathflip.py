@@ -39,32 +39,27 @@ losses share ``logit_scale`` and ``logit_bias`` (the region loss is sigmoid: Sig
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pathvl.models.layers import FusionLayer, masked_mean
-from pathvl.train.config import DataConfig, register_family
+from pathvl.models.layers import (
+    FusionLayer,
+    ModelInputError,
+    MultiHeadAttention,
+    fourier_features,
+    key_mask,
+    masked_mean,
+)
+from pathvl.models.text_backbone import text_backbone
 
-__all__ = [
-    "DEFAULT_LOSS_WEIGHTS",
-    "PATHFLIP_SIZES",
-    "PathFLIP",
-    "PathFLIPConfig",
-    "PathFLIPDataConfig",
-    "build_pathflip",
-    "build_pathflip_losses",
-    "embed_slides",
-    "slide_retrieval",
-    "slide_zeroshot",
-]
+__all__ = ["LOSS_NAMES", "PATHFLIP_SIZES", "PathFLIP", "PathFLIPConfig", "build_pathflip"]
 
-#: Loss names of the family and their default weights.
-DEFAULT_LOSS_WEIGHTS: dict[str, float] = {"itc": 1.0, "region": 1.0}
+
 LOSS_NAMES = ("itc", "siglip", "region")
 
 
@@ -171,7 +166,6 @@ PATHFLIP_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-# ------------------------------------------------------------------------------------------- layers
 class CrossBlock(nn.Module):
     """Pre-norm cross-attention (queries attend to a memory) and MLP, without self-attention.
 
@@ -188,15 +182,13 @@ class CrossBlock(nn.Module):
         super().__init__()
         self.norm_q = nn.LayerNorm(d)
         self.norm_mem = nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.attn = MultiHeadAttention(d, heads, dropout)
         self.norm_ff = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, ff), nn.GELU(), nn.Dropout(dropout), nn.Linear(ff, d))
 
     def forward(self, x: Tensor, memory: Tensor, memory_mask: Tensor | None = None) -> Tensor:
         """``x (B, Lq, d)`` attends to ``memory (B, Lm, d)`` (``memory_mask`` True for real tokens)."""
-        m = self.norm_mem(memory)
-        kpm = None if memory_mask is None else ~memory_mask
-        x = x + self.attn(self.norm_q(x), m, m, key_padding_mask=kpm, need_weights=False)[0]
+        x = x + self.attn(self.norm_q(x), self.norm_mem(memory), key_mask(x.shape[1], memory_mask))
         return x + self.mlp(self.norm_ff(x))
 
 
@@ -243,34 +235,6 @@ class TextConditionedPool(nn.Module):
         return self.out(pooled), a.mean(1)
 
 
-def fourier_features(coords: Tensor, octaves: int) -> Tensor:
-    """``(..., 2)`` coordinates in [0, 1] -> ``(..., 4 * octaves)`` sines and cosines at ``2^i * pi``."""
-    freqs = (2.0 ** torch.arange(octaves, device=coords.device, dtype=torch.float32)) * math.pi
-    x = coords.float()[..., None] * freqs  # (..., 2, F)
-    return torch.cat([x.sin(), x.cos()], dim=-1).flatten(-2)
-
-
-# -------------------------------------------------------------------------------------------- model
-def build_text_backbone(cfg: PathFLIPConfig) -> tuple[nn.Module, Any, int]:
-    """The text encoder (trainable per ``cfg.text_train``), its tokenizer and width."""
-    from pathvl.encoders import build_text
-
-    te = build_text(cfg.text_encoder)
-    model = te.model
-    if cfg.text_train == "full":
-        model.requires_grad_(True)
-    elif cfg.text_train == "lora":
-        from pathvl.models.lm_bridge import apply_lora, lora_parameters
-
-        model.requires_grad_(False)
-        apply_lora(model, cfg.lora_targets or None, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-        for _, p in lora_parameters(model):
-            p.requires_grad_(True)
-    else:
-        model.requires_grad_(False)
-    return model, te.tokenizer, te.width
-
-
 class PathFLIP(nn.Module):
     """The PathFLIP model (see the module docstring).
 
@@ -289,16 +253,17 @@ class PathFLIP(nn.Module):
         self.active = set(active)
         d, E = cfg.width, cfg.embed_dim
         self.width = d
-        self.text, self.tokenizer, tw = build_text_backbone(cfg)
+        self.text, self.tokenizer, tw = text_backbone(cfg.text_encoder, cfg.text_train, lora_rank=cfg.lora_rank,
+                                                      lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets)
         self._text_cache: dict[tuple[int, ...], Tensor] = {}
         # per-dimension standardisation of the frozen features (identity until set_feature_stats)
         self.register_buffer("feature_mean", torch.zeros(cfg.feature_dim))
         self.register_buffer("feature_std", torch.ones(cfg.feature_dim))
         self.patch_in = nn.Sequential(nn.Linear(cfg.feature_dim, d), nn.GELU(), nn.Linear(d, d))
-        self.pos = nn.Linear(4 * cfg.pos_frequencies, d) if cfg.pos_embed else None
-        if self.pos is not None:  # start position-blind: position enters only as far as the losses need it
-            nn.init.zeros_(self.pos.weight)
-            nn.init.zeros_(self.pos.bias)
+        self.pos_proj = nn.Linear(4 * cfg.pos_frequencies, d) if cfg.pos_embed else None
+        if self.pos_proj is not None:  # start position-blind: position enters only as far as the losses need it
+            nn.init.zeros_(self.pos_proj.weight)
+            nn.init.zeros_(self.pos_proj.bias)
         self.patch_norm_in = nn.LayerNorm(d)
         self.latents = nn.Parameter(torch.randn(1, cfg.latents, d) * 0.02)
         self.latent_blocks = nn.ModuleList(FusionLayer(d, cfg.heads, 4 * d, cross=True, dropout=cfg.dropout)
@@ -405,13 +370,14 @@ class PathFLIP(nn.Module):
 
     # ------------------------------------------------------------------ slide
     def encode_patches(self, features: Tensor, mask: Tensor | None = None,
-                       coords: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                       pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Slide encoder.
 
         Args:
             features: ``(B, N, Dv)`` patch features (zeros at padding).
             mask: ``(B, N)`` True for real patches (None: all real).
-            coords: ``(B, N, 2)`` patch centres in [0, 1] (required when ``pos_embed``; zeros if None).
+            pos: ``(B, N, 2)`` patch centres divided by the slide's level-0 size, in [0, 1] (used when
+                ``pos_embed``; zeros if None).
 
         Returns:
             ``(patch_tokens (B, N, d), latent_tokens (B, M, d))``; ``latent_tokens[:, 0]`` is the slide token.
@@ -423,11 +389,11 @@ class PathFLIP(nn.Module):
             mask = torch.ones(B, N, dtype=torch.bool, device=features.device)
         mask = mask.bool()
         if not bool(mask.any(1).all()):
-            raise ValueError("every slide needs at least one real patch (a row of patch_mask is all False)")
+            raise ModelInputError("every slide needs at least one real patch (a row of patch_mask is all False)")
         p = self.patch_in((features.float() - self.feature_mean) / self.feature_std)
-        if self.pos is not None:
-            c = coords if coords is not None else features.new_zeros(B, N, 2)
-            p = p + self.pos(fourier_features(c, self.cfg.pos_frequencies))
+        if self.pos_proj is not None:
+            c = pos if pos is not None else features.new_zeros(B, N, 2)
+            p = p + self.pos_proj(fourier_features(c, self.cfg.pos_frequencies))
         p = p_in = self.patch_norm_in(p)
         lat = self.latents.expand(B, -1, -1)
         for i, lb in enumerate(self.latent_blocks):
@@ -437,12 +403,16 @@ class PathFLIP(nn.Module):
         tokens = p_in if self.cfg.region_tokens == "input" else p
         return self.patch_norm(tokens), self.latent_norm(lat)
 
-    def encode_slide(self, features: Tensor, mask: Tensor | None = None, coords: Tensor | None = None,
+    def encode_slide(self, features: Tensor, mask: Tensor | None = None, pos: Tensor | None = None,
                      normalize: bool = True) -> Tensor:
         """Slide embedding ``(B, E)`` in the shared space."""
-        _, lat = self.encode_patches(features, mask, coords)
+        _, lat = self.encode_patches(features, mask, pos)
         e = self.img_head(lat[:, 0])
         return F.normalize(e, dim=-1) if normalize else e
+
+    def similarity(self, slide_emb: Tensor, text_emb: Tensor) -> Tensor:
+        """``(S, T)`` cosine similarity of :meth:`encode_slide` and :meth:`encode_text` outputs."""
+        return F.normalize(slide_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).t()
 
     def region_embeddings(self, patch_tokens: Tensor, mask: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
         """Text-conditioned region embeddings.
@@ -477,7 +447,7 @@ class PathFLIP(nn.Module):
         return torch.einsum("bqe,bne->bqn", F.normalize(query.float(), dim=-1), pe)
 
     @torch.no_grad()
-    def patch_text_scores(self, features: Tensor, mask: Tensor | None, coords: Tensor | None,
+    def patch_text_scores(self, features: Tensor, mask: Tensor | None, pos: Tensor | None,
                           texts: Mapping[str, Tensor] | Sequence[str | Sequence[str]],
                           mode: str = "similarity") -> Tensor:
         """How much each patch matches each text: the heatmap.
@@ -485,7 +455,7 @@ class PathFLIP(nn.Module):
         Args:
             features: ``(B, N, Dv)``.
             mask: ``(B, N)``.
-            coords: ``(B, N, 2)``.
+            pos: ``(B, N, 2)`` patch centres in [0, 1].
             texts: ``Q`` queries scored against every slide: strings, a list of strings per query (a prompt
                 ensemble: the mean of their local embeddings), or tokens.
             mode: ``similarity`` (cosine of the text to each patch's local embedding, in [-1, 1]) or
@@ -500,7 +470,7 @@ class PathFLIP(nn.Module):
         if mask is None:
             mask = torch.ones(B, N, dtype=torch.bool, device=features.device)
         mask = mask.bool()
-        P, _ = self.encode_patches(features, mask, coords)
+        P, _ = self.encode_patches(features, mask, pos)
         q = self.text_queries(texts)[None].expand(B, -1, -1)  # (B, Q, E)
         if mode == "similarity":
             s = self.patch_similarity(P, q)
@@ -514,7 +484,7 @@ class PathFLIP(nn.Module):
 
         Args:
             batch: From :func:`pathvl.data.slidedata.collate_slides`: ``features (B, N, Dv)``,
-                ``patch_mask (B, N)``, ``coords (B, N, 2)``, ``caption_ids``/``caption_mask (B, L)``,
+                ``patch_mask (B, N)``, ``pos (B, N, 2)``, ``caption_ids``/``caption_mask (B, L)``,
                 ``subcap_ids``/``subcap_attn (B, K, Ls)``, ``subcap_mask (B, K)``.
 
         Returns:
@@ -522,7 +492,7 @@ class PathFLIP(nn.Module):
             loss active, ``region_emb (B, K, E)``, ``subcap_emb (B, K, E)``, ``subcap_mask (B, K)``.
         """
         mask = batch["patch_mask"].bool()
-        P, lat = self.encode_patches(batch["features"], mask, batch.get("coords"))
+        P, lat = self.encode_patches(batch["features"], mask, batch.get("pos"))
         out: dict[str, Tensor] = {
             "image_emb": self.img_head(lat[:, 0]),
             "text_emb": self.txt_head(self._text_pooled(batch["caption_ids"], batch["caption_mask"])),
@@ -569,173 +539,3 @@ def build_pathflip(cfg: PathFLIPConfig | Mapping[str, Any], feature_dim: int | N
     if bad:
         raise ValueError(f"unknown PathFLIP losses {sorted(bad)}; known: {LOSS_NAMES}")
     return PathFLIP(cfg, active=tuple(losses))
-
-
-def build_pathflip_losses(cfg: PathFLIPConfig, weights: Mapping[str, float] | None = None,
-                          gather: bool = True) -> dict[str, nn.Module]:
-    """The loss modules of the family: ``itc`` (InfoNCE with label smoothing), ``siglip`` and ``region``.
-
-    Args:
-        cfg: Model config (label smoothing, same-slide policy).
-        weights: Only names with a positive weight are built (default :data:`DEFAULT_LOSS_WEIGHTS`).
-        gather: Gather across ranks.
-    """
-    from pathvl.losses import ITCLoss, RegionAlignLoss, SigLIPLoss
-
-    weights = dict(DEFAULT_LOSS_WEIGHTS if weights is None else weights)
-    bad = set(weights) - set(LOSS_NAMES)
-    if bad:
-        raise ValueError(f"unknown PathFLIP losses {sorted(bad)}; known: {LOSS_NAMES}")
-    make: dict[str, Callable[[], nn.Module]] = {
-        "itc": lambda: ITCLoss(label_smoothing=cfg.label_smoothing, gather=gather),
-        "siglip": lambda: SigLIPLoss(gather=gather),
-        "region": lambda: RegionAlignLoss(same_slide=cfg.region_same_slide, gather=gather),
-    }
-    return {n: make[n]() for n, w in weights.items() if w > 0}
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-@torch.no_grad()
-def embed_slides(model: PathFLIP, dataset: Any, batch_size: int = 8,
-                 device: torch.device | str | None = None) -> dict[str, Any]:
-    """Slide and caption embeddings of every slide of a :class:`~pathvl.data.slidedata.SlideDataset`.
-
-    Returns:
-        ``slide_emb (S, E)`` and ``caption_emb (S, E)`` (L2-normalised, CPU) and ``slide_ids``.
-    """
-    from pathvl.data.slidedata import collate_slides
-
-    was = model.training
-    model.eval()
-    dev = torch.device(device) if device is not None else model.logit_scale.device
-    se, te = [], []
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
-        b = collate_slides(items, model.tokenizer, max_tokens=model.cfg.max_text_tokens, dedupe_subcaptions=False)
-        se.append(model.encode_slide(b["features"].to(dev), b["patch_mask"].to(dev), b["coords"].to(dev)).cpu())
-        te.append(model.encode_text({"input_ids": b["caption_ids"], "attention_mask": b["caption_mask"]}).cpu())
-    model.train(was)
-    return {"slide_emb": torch.cat(se), "caption_emb": torch.cat(te), "slide_ids": list(dataset.slide_ids)}
-
-
-def slide_retrieval(slide_emb: Tensor, caption_emb: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Slide-to-caption and caption-to-slide Recall@k (``i2t_R@k``, ``t2i_R@k``), caption ``i`` belonging
-    to slide ``i`` (:func:`pathvl.eval.retrieval.retrieval_recall`)."""
-    from pathvl.eval.retrieval import retrieval_recall
-
-    r = retrieval_recall(slide_emb, caption_emb, ks=ks)
-    out = {f"i2t_R@{k}": r["image_to_text"][f"R@{k}"] for k in ks}
-    out.update({f"t2i_R@{k}": r["text_to_image"][f"R@{k}"] for k in ks})
-    return out
-
-
-@torch.no_grad()
-def slide_zeroshot(model: PathFLIP, slide_emb: Tensor, prompts: Any) -> tuple[Tensor, Tensor]:
-    """Zero-shot slide classification with a prompt ensemble.
-
-    Args:
-        model: The trained model (its global text tower embeds the prompts).
-        slide_emb: ``(S, E)`` slide embeddings (:func:`embed_slides`).
-        prompts: A :class:`pathvl.eval.zeroshot.PromptSet`, or ``{class: [prompts...]}``.
-
-    Returns:
-        ``(pred (S,), scores (S, C))`` with cosine scores, classes in the prompt set's order.
-    """
-    from pathvl.eval.zeroshot import build_class_weights, zeroshot_classify
-
-    if isinstance(prompts, Mapping):
-        classes = list(prompts)
-
-        def encode(texts: list[str]) -> Tensor:
-            return model.encode_text(texts).cpu()
-
-        w = torch.stack([F.normalize(F.normalize(encode(list(prompts[c])), dim=-1).mean(0), dim=0) for c in classes])
-    else:
-        w = build_class_weights(lambda t: model.encode_text(list(t)).cpu(), prompts)
-    return zeroshot_classify(slide_emb, w)
-
-
-
-# ------------------------------------------------------------------------------------------ training family
-@dataclass
-class PathFLIPDataConfig(DataConfig):
-    """The ``data:`` section of a PathFLIP config.
-
-    Attributes:
-        texts: CSV/JSONL of slide texts (:func:`pathvl.data.slidedata.read_slide_texts`).
-        features: Encoder whose cached features are used (``features/<name>``, from ``pathvl embed``).
-        max_patches: Patches sampled per slide and epoch (0 = all).
-        n_subcaptions: Sub-captions per slide (sampled or padded).
-        decomposer: ``rules`` or ``lm:<dir>``.
-        mags: Keep only these magnifications (empty: all patches of the files).
-        standardize: Standardise the features with the training slides' statistics.
-    """
-
-    texts: str = ""
-    features: str = "colour-texture"
-    max_patches: int = 4096
-    n_subcaptions: int = 8
-    decomposer: str = "rules"
-    mags: list[float] = field(default_factory=list)
-    standardize: bool = True
-
-
-def text_tokenizer(cfg: PathFLIPConfig) -> Any:
-    """The tokenizer of the configured text encoder, without building the encoder."""
-    from transformers import AutoTokenizer
-
-    from pathvl.encoders.text import minilm_path
-
-    folder = cfg.text_encoder[5:] if cfg.text_encoder.startswith("bert:") else minilm_path()
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-
-
-def _slide_dataset(cfg: Any) -> Any:
-    from pathvl.data.slidedata import SlideDataset
-
-    d = cfg.data
-    if not d.texts:
-        raise ValueError("data.texts: give the CSV/JSONL of slide texts (slide id and caption/report per row)")
-    return SlideDataset(d.dataset, d.texts, d.features, max_patches=d.max_patches, n_subcaptions=d.n_subcaptions,
-                        decomposer=d.decomposer, mags=tuple(float(m) for m in d.mags), train=True,
-                        seed=cfg.run.seed)
-
-
-def build_model(cfg: Any, dist: Any) -> PathFLIP:
-    """``build_model`` of the engine: feature width and statistics are read from the dataset."""
-    ds = _slide_dataset(cfg)
-    if cfg.model.feature_dim <= 0:
-        cfg.model = replace(cfg.model, feature_dim=ds.feature_dim)
-    active = tuple(k for k, w in cfg.losses.items() if w > 0)
-    model = PathFLIP(cfg.model, active=active)
-    if cfg.data.standardize:
-        model.set_feature_stats(*(torch.from_numpy(a) for a in ds.feature_stats()))
-    return model
-
-
-def build_data(cfg: Any, dist: Any) -> Any:
-    """``build_data`` of the engine: resumable, rank-sharded batches of slides, re-sampled every epoch."""
-    from functools import partial
-
-    from pathvl.data.slidedata import collate_slides
-    from pathvl.train.engine import StepLoader
-
-    class _EpochLoader(StepLoader):
-        """Tells the dataset the epoch before each pass, so patch and sub-caption samples change."""
-
-        def __iter__(self):
-            epoch = self.epoch + 1 if self.batch >= self.num_batches else self.epoch
-            self.dataset.set_epoch(epoch)
-            yield from super().__iter__()
-
-    collate = partial(collate_slides, tokenizer=text_tokenizer(cfg.model), max_tokens=cfg.model.max_text_tokens)
-    return _EpochLoader.from_config(_slide_dataset(cfg), cfg, dist, collate_fn=collate)
-
-
-def build_losses(cfg: Any, dist: Any) -> dict[str, nn.Module]:
-    """``build_losses`` of the engine: every PathFLIP objective (the engine keeps the weighted ones)."""
-    return build_pathflip_losses(cfg.model, {n: 1.0 for n in LOSS_NAMES})
-
-
-register_family("pathflip", PathFLIPConfig, build_model, build_data, build_losses,
-                data_config_cls=PathFLIPDataConfig, loss_names=LOSS_NAMES)

@@ -33,12 +33,6 @@ def mag_to_mpp(magnification: float) -> float:
     return 10.0 / magnification
 
 
-def mpp_to_mag(mpp: float) -> float:
-    """Physical magnification of a pixel size in microns (``10 / mpp``)."""
-    if mpp <= 0:
-        raise ValueError(f"mpp must be positive, got {mpp}")
-    return 10.0 / mpp
-
 
 def footprint_px(patch_px: int, target_mpp: float, slide_mpp: float) -> int:
     """Level-0 side length of a ``patch_px`` patch at ``target_mpp`` on a slide scanned at ``slide_mpp``."""

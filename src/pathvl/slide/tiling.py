@@ -22,12 +22,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from pathvl.errors import UserError
 from pathvl.slide.geometry import is_above_scan, is_power_of_two_ratio, mag_to_mpp, tree_footprints
 
 ABOVE_SCAN_POLICIES = ("skip", "upsample")
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """An invalid tiling specification."""
 
 

@@ -138,19 +138,6 @@ def _otsu_from_counts(counts: np.ndarray) -> float | None:
     return float(np.argmax(between)) if between.max() > 0 else None
 
 
-def otsu_threshold(values: np.ndarray, bins: int = 256, value_range: tuple[float, float] = (0.0, 1.0)) -> float:
-    """Otsu's threshold of a set of values (the between-class-variance maximiser).
-
-    Returns:
-        A threshold ``t`` such that values above it form the upper class (the upper edge of the last
-        bin of the lower class); the range's low end when the values are constant or empty.
-    """
-    hist, edges = np.histogram(values, bins=bins, range=value_range)
-    if hist.sum() == 0:
-        return float(value_range[0])
-    k = _otsu_from_counts(hist)
-    return float(value_range[0]) if k is None else float(edges[int(k) + 1])
-
 
 def _square(mask: np.ndarray, size: int, op: str) -> np.ndarray:
     """Binary dilation/erosion by a ``size x size`` square (separable, so fast on large thumbnails)."""

@@ -67,43 +67,69 @@ def special_tokens_mask(input_ids: torch.Tensor, tokenizer: Any) -> torch.Tensor
 
 def mask_tokens(
     input_ids: torch.Tensor,
+    special_mask: torch.Tensor,
+    vocab_size: int,
+    mask_token_id: int,
+    prob: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: picks tokens with probability ``prob`` and corrupts them 80 / 10 / 10.
+
+    Devlin et al., "BERT", NAACL 2019. Each non-special token is selected independently with probability
+    ``prob``; a selected token is replaced by ``mask_token_id`` with probability 0.8, by a token drawn
+    uniformly from ``[0, vocab_size)`` with probability 0.1, and kept with probability 0.1. Special
+    tokens (CLS, SEP, padding, ...) are never selected. The input is not modified.
+
+    Args:
+        input_ids: ``(B, L)`` long token ids.
+        special_mask: ``(B, L)`` bool, True where a token must not be masked (include padding).
+        vocab_size: Size of the vocabulary for the random replacements.
+        mask_token_id: Id of the ``[MASK]`` token.
+        prob: Selection probability.
+        generator: Optional random generator (on ``input_ids``' device).
+
+    Returns:
+        ``(masked_ids, labels)``: the corrupted ids, and labels holding the original id at selected
+        positions and -100 elsewhere (feed them to :class:`MLMLoss`).
+    """
+    if input_ids.shape != special_mask.shape:
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and special_mask {tuple(special_mask.shape)} disagree"
+        )
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"prob must be in [0, 1], got {prob}")
+    device = input_ids.device
+
+    def _rand(shape: torch.Size) -> torch.Tensor:
+        return torch.rand(shape, generator=generator, device=device)
+
+    selected = (_rand(input_ids.shape) < prob) & ~special_mask.bool()
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    corrupt = _rand(input_ids.shape)
+    to_mask = selected & (corrupt < 0.8)
+    to_random = selected & (corrupt >= 0.8) & (corrupt < 0.9)
+    random_ids = torch.randint(0, vocab_size, input_ids.shape, generator=generator, device=device)
+    masked = input_ids.clone()
+    masked[to_mask] = mask_token_id
+    masked[to_random] = random_ids[to_random].to(masked.dtype)
+    return masked, labels
+
+
+def mask_with_tokenizer(
+    input_ids: torch.Tensor,
     tokenizer: Any,
     *,
     probability: float = 0.15,
     special_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT-style masking for masked language modelling (Devlin et al., NAACL 2019).
+    """:func:`mask_tokens` with the [MASK] id, vocabulary and special tokens taken from ``tokenizer``.
 
-    Each non-special token is selected with ``probability``; a selected token becomes [MASK] 80% of
-    the time, a random token 10%, and stays unchanged 10%.
-
-    Args:
-        input_ids: (B, L) token ids (not modified).
-        tokenizer: Supplies ``mask_token_id`` and the vocabulary size.
-        probability: Selection probability per token.
-        special_mask: (B, L) bool of tokens never selected; computed from the tokenizer if None.
-        generator: Random generator on the ids' device, for reproducible masks.
-
-    Returns:
-        ``(masked_ids, labels)``: labels hold the original id at selected positions and
-        ``IGNORE_INDEX`` elsewhere.
+    Raises:
+        ValueError: The tokenizer has no [MASK] token.
     """
     if tokenizer.mask_token_id is None:
         raise ValueError("this tokenizer has no [MASK] token; it cannot be used for masked LM")
     if special_mask is None:
         special_mask = special_tokens_mask(input_ids, tokenizer)
-    dev = input_ids.device
-
-    def rand() -> torch.Tensor:
-        return torch.rand(input_ids.shape, generator=generator, device=dev)
-
-    selected = (rand() < probability) & ~special_mask
-    labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-    masked = input_ids.clone()
-    to_mask = selected & (rand() < 0.8)
-    masked[to_mask] = tokenizer.mask_token_id
-    to_random = selected & ~to_mask & (rand() < 0.5)
-    random_ids = torch.randint(len(tokenizer), input_ids.shape, generator=generator, device=dev)
-    masked[to_random] = random_ids[to_random].to(masked.dtype)
-    return masked, labels
+    return mask_tokens(input_ids, special_mask, len(tokenizer), tokenizer.mask_token_id, probability, generator)

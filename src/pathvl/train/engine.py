@@ -1,8 +1,8 @@
 """The model-agnostic training loop behind ``pathvl pretrain``.
 
-A model family supplies three things (see :func:`pathvl.train.config.register_family`): a model whose
-``forward(batch)`` returns a dict of named tensors, an iterable of batches, and a dict of loss modules
-each called as ``loss(**outputs)``. One optimizer step here is (MAE's ``engine_pretrain.py`` and nanoGPT's
+A model family (:mod:`pathvl.families`) supplies a model whose ``forward(batch)`` returns a dict of
+named tensors, an iterable of batches, and a dict of loss modules each called as
+``loss(**outputs)``. One optimizer step here is (MAE's ``engine_pretrain.py`` and nanoGPT's
 ``train.py`` are the models)::
 
     lr = schedule(step)
@@ -37,11 +37,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pathvl import __version__
-from pathvl.train.checkpoint import (
+from pathvl.config import ConfigError, OptimConfig, TrainConfig, config_hash, config_to_dict, save_config
+from pathvl.data.checkpoint import (
     check_family,
     get_rng_state,
     latest_checkpoint,
@@ -52,23 +52,14 @@ from pathvl.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from pathvl.train.config import (
-    ConfigError,
-    OptimConfig,
-    TrainConfig,
-    config_hash,
-    config_to_dict,
-    get_family,
-    load_config,
-    save_config,
-)
-from pathvl.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, is_dist_initialized
+from pathvl.dist import DistInfo, all_reduce_mean, barrier, init_distributed, is_dist_initialized
+from pathvl.errors import UserError
+from pathvl.families import get_family, load_config
 from pathvl.train.schedule import WarmupCosine
 
 __all__ = [
     "NonFiniteLossError",
     "RunResult",
-    "StepLoader",
     "TrainModule",
     "build_optimizer",
     "forward_backward",
@@ -85,7 +76,7 @@ METRICS_FILE = "metrics.jsonl"
 HISTORY_LEN = 10_000
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The total loss (or the gradient norm) of a step is NaN or infinite; nothing was saved after it.
 
     Attributes:
@@ -120,125 +111,6 @@ class RunResult:
 
 
 # ------------------------------------------------------------------------------------------------- data
-class StepLoader:
-    """Deterministic, resumable, rank-sharded batches over a map-style dataset.
-
-    Epoch ``e`` uses the permutation drawn from ``seed`` and ``e``; global batch ``i`` is the block
-    ``perm[i * B * W : (i + 1) * B * W]`` (``B`` the per-rank batch, ``W`` the world size) and rank ``r``
-    takes every ``W``-th index of it, so a run on ``W`` processes sees the same global batches as one
-    process with batch ``B * W``. The incomplete last global batch is dropped (gathered losses need the
-    same batch size on every rank). The position (epoch, batch) advances as batches are handed out, so
-    ``state_dict()`` saved between steps puts a resumed run exactly where it stopped.
-
-    For an exact resume with ``num_workers > 0``, a dataset's own randomness must come from the sample
-    index (and the epoch), not from a worker's running generator.
-
-    Args:
-        dataset: Map-style dataset returning samples the ``collate_fn`` combines into a dict.
-        batch_size: Per-rank batch size.
-        seed: Seed of the permutations.
-        shuffle: Shuffle each epoch; otherwise the dataset order.
-        rank: This process's rank.
-        world_size: Number of processes.
-        num_workers: DataLoader workers.
-        collate_fn: Batch collation (torch's default when None).
-        pin_memory: Pin host memory (for CUDA).
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        shuffle: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 0,
-        collate_fn: Callable[[list[Any]], Any] | None = None,
-        pin_memory: bool = False,
-    ) -> None:
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.rank = rank
-        self.world_size = world_size
-        self.num_workers = num_workers
-        self.collate_fn = collate_fn
-        self.pin_memory = pin_memory
-        self.num_samples = len(dataset)  # type: ignore[arg-type]
-        self.num_batches = self.num_samples // (batch_size * world_size)
-        if self.num_batches == 0:
-            raise ValueError(
-                f"the dataset has {self.num_samples} samples, fewer than one global batch "
-                f"({batch_size} x {world_size} processes)"
-            )
-        self.epoch = 0
-        self.batch = 0  # batches of the current epoch already handed out
-
-    @classmethod
-    def from_config(
-        cls, dataset: Dataset, cfg: TrainConfig, dist_info: DistInfo, collate_fn: Callable | None = None
-    ) -> StepLoader:
-        """A loader with the batch size, workers, shuffling and seed of ``cfg``."""
-        return cls(
-            dataset,
-            cfg.data.batch_size,
-            seed=cfg.run.seed,
-            shuffle=cfg.data.shuffle,
-            rank=dist_info.rank,
-            world_size=dist_info.world_size,
-            num_workers=cfg.data.num_workers,
-            collate_fn=collate_fn,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def _epoch_seed(self, epoch: int) -> int:
-        return (self.seed * 1_000_003 + epoch) % (2**63)
-
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches of sample indices for ``epoch``."""
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self._epoch_seed(epoch))
-            order = torch.randperm(self.num_samples, generator=g).tolist()
-        else:
-            order = list(range(self.num_samples))
-        usable = self.num_batches * self.batch_size * self.world_size
-        mine = order[:usable][self.rank :: self.world_size]  # (num_batches * batch_size,)
-        return [mine[i * self.batch_size : (i + 1) * self.batch_size] for i in range(self.num_batches)]
-
-    def __iter__(self) -> Iterator[Any]:
-        """Yields the rest of the current epoch (the next epoch when this one is used up)."""
-        if self.batch >= self.num_batches:
-            self.epoch, self.batch = self.epoch + 1, 0
-        batches = self.epoch_batches(self.epoch)[self.batch :]
-        # Own generator: creating the loader must not draw from the global RNG (exact resume).
-        g = torch.Generator().manual_seed(self._epoch_seed(self.epoch) * 7 + self.batch)
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=batches,
-            num_workers=self.num_workers,
-            collate_fn=self.collate_fn,
-            pin_memory=self.pin_memory,
-            generator=g,
-        )
-        for batch in loader:
-            self.batch += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        """Position for the checkpoint."""
-        return {"epoch": self.epoch, "batch": self.batch}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Moves to a saved position (takes effect at the next ``iter``)."""
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
-
-
 class _BatchStream:
     """Endless batches from a family's data; restarts the iterable at each epoch end.
 
@@ -535,12 +407,13 @@ def train(
     """Trains ``cfg.family`` for ``cfg.run.steps`` optimizer steps (DDP when ``WORLD_SIZE > 1``).
 
     Args:
-        cfg: Validated config (:func:`pathvl.train.config.load_config`).
+        cfg: Validated config (:func:`pathvl.families.load_config`).
         resume: Run folder to continue from its latest checkpoint (losses and weights then match an
             uninterrupted run).
         stop_at: Stop (with a checkpoint) after this step although the schedule is longer, e.g. to fit a
             job's time limit; continue later with ``resume``.
-        build_model: Overrides the family's ``build_model(cfg, dist)``.
+        build_model: ``build_model(cfg, dist)`` in place of the family's ``model_from_config`` (and its
+            ``init_for_training``).
         build_data: Overrides the family's ``build_data(cfg, dist)``.
         build_losses: Overrides the family's ``build_losses(cfg, dist)``.
 
@@ -551,19 +424,27 @@ def train(
         NonFiniteLossError: A step produced a NaN/inf loss; checkpoints written before it are untouched.
         ConfigError: The config does not fit the family or the run folder.
     """
-    spec = get_family(cfg.family)
+    family = get_family(cfg.family)
     run_dir, ckpt = _prepare_run_dir(cfg, resume)
     dist_info = init_distributed(cfg.run.backend or ("gloo" if cfg.run.device == "cpu" else None))
     device = _resolve_device(cfg.run.device, dist_info)
 
-    # Build: the same initial weights on every rank.
+    # Build: the data first (it completes the config, e.g. the feature width), then the same initial
+    # weights on every rank; a fresh run also initialises from the data (statistics, stage-1 weights).
+    data = (build_data or family.build_data)(cfg, dist_info)
+    family.complete_config(cfg, data)
     seed_everything(cfg.run.seed)
-    model = (build_model or spec.build_model)(cfg, dist_info)
-    losses = _active_losses(cfg, (build_losses or spec.build_losses)(cfg, dist_info))
+    if build_model is not None:
+        model = build_model(cfg, dist_info)
+    else:
+        model = family.model_from_config(cfg.model, list(cfg.active_losses))
+        if ckpt is None:
+            family.init_for_training(model, cfg, data)
+    losses = _active_losses(cfg, (build_losses or family.build_losses)(cfg, dist_info))
     module = TrainModule(model, losses).to(device)
     optimizer = build_optimizer(module, cfg.optim)
     schedule = WarmupCosine(optimizer, cfg.optim.warmup_steps, cfg.run.steps, cfg.optim.min_lr_ratio)
-    stream = _BatchStream((build_data or spec.build_data)(cfg, dist_info))
+    stream = _BatchStream(data)
     weights = {name: float(cfg.losses[name]) for name in losses}
 
     start_step, rng = 0, None

@@ -32,6 +32,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from pathvl.errors import UserError
+
 __all__ = [
     "CKPT_PREFIX",
     "LATEST",
@@ -44,7 +46,6 @@ __all__ = [
     "get_rng_state",
     "latest_checkpoint",
     "load_into",
-    "load_model",
     "load_model_weights",
     "load_trainer_state",
     "read_meta",
@@ -62,7 +63,7 @@ _ALIASES_KEY = "pathvl_aliases"  # safetensors metadata: JSON {alias: canonical 
 _OMITTED_KEY = "pathvl_omitted"  # safetensors metadata: JSON [frozen names not stored]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, incomplete, or not the kind the caller needs."""
 
 
@@ -315,30 +316,6 @@ def load_model_weights(
         state[alias] = state[canonical]
     meta["omitted"] = json.loads(extra.get(_OMITTED_KEY, "[]"))
     return state, meta
-
-
-def load_model(
-    path: str | Path, *, family: str | None = None, device: str | torch.device = "cpu"
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuilds a model from the config stored in its checkpoint and loads the weights.
-
-    Args:
-        path: Run folder, checkpoint folder or ``model.safetensors``.
-        family: When given, the checkpoint must be of this model family.
-        device: Where to put the model.
-
-    Returns:
-        ``(model in eval mode, meta)``.
-    """
-    from pathvl.train.config import config_from_dict, get_family
-    from pathvl.train.distributed import DistInfo
-
-    state, meta = load_model_weights(path, family=family, device=device)
-    cfg = config_from_dict(meta["config"])
-    model = get_family(cfg.family).build_model(cfg, DistInfo())
-    model.to(device)
-    load_into(model, state, meta["omitted"])
-    return model.eval(), meta
 
 
 def load_into(model: nn.Module, state: Mapping[str, Tensor], omitted: list[str] | tuple[str, ...] = ()) -> None:

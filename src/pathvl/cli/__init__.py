@@ -15,18 +15,10 @@ from pathvl import __version__
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix: printed as one line, no traceback."""
-    from pathvl.data.dataset import DatasetError
-    from pathvl.eval.apply import EvalError
-    from pathvl.eval.tiles import UnreadableImageError
-    from pathvl.slide.reader import SlideError
-    from pathvl.slide.tiling import SpecError
-    from pathvl.train.checkpoint import CheckpointError
-    from pathvl.train.config import ConfigError
-    from pathvl.train.engine import NonFiniteLossError
+    """Errors that are the user's to fix: printed as one line, no traceback; anything else is a bug."""
+    from pathvl.errors import UserError
 
-    return (DatasetError, SlideError, SpecError, FileNotFoundError, ConfigError, NonFiniteLossError, EvalError,
-            CheckpointError, UnreadableImageError, ValueError, KeyError)
+    return (UserError, FileNotFoundError, argparse.ArgumentTypeError)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -368,15 +360,16 @@ def _run_retrieve(a: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- slide-level uses
 def _add_heatmap(sub) -> None:
-    p = sub.add_parser("heatmap", help="where a text matches on a slide (PathFLIP), as a PNG over the thumbnail",
+    p = sub.add_parser("heatmap", help="where a text matches on a slide, as a PNG over the thumbnail",
                        description="Score every patch of an embedded slide against a text query and draw it.",
                        epilog='example:\n  pathvl heatmap slide-01 --dataset data/grid --checkpoint runs/pathflip '
                               '--text "tumor" --out heat/\n', formatter_class=_Formatter)
     p.add_argument("slide", help="slide id in the dataset")
     p.add_argument("--dataset", required=True, help="dataset folder (full grid, embedded)")
-    p.add_argument("--checkpoint", required=True, help="PathFLIP run folder")
+    p.add_argument("--checkpoint", required=True, help="run folder of any family (PathFLIP, PathAlign, MR-PLIP)")
     p.add_argument("--text", action="append", required=True, help="query text (repeat for several)")
-    p.add_argument("--mode", choices=["similarity", "attention"], default="similarity", help="score type")
+    p.add_argument("--mode", choices=["similarity", "attention"], default="similarity",
+                   help="PathFLIP's score type (other families have one)")
     p.add_argument("--label", default=None, help="ground-truth class for a localisation AUROC (synthetic slides)")
     p.add_argument("--out", default="heatmaps", help="output folder")
     p.set_defaults(func=_run_heatmap)
@@ -384,52 +377,19 @@ def _add_heatmap(sub) -> None:
 
 def _run_heatmap(a: argparse.Namespace) -> int:
     from pathvl.eval.heatmap import slide_heatmaps
-    from pathvl.train.checkpoint import load_model, read_meta
+    from pathvl.eval.loading import load_for_eval
 
-    meta = read_meta(a.checkpoint)
-    if meta.get("family") != "pathflip":
-        raise argparse.ArgumentTypeError(f"{a.checkpoint}: checkpoint is a {meta.get('family')} model, "
-                                         "heatmap needs pathflip")
-    model, meta = load_model(a.checkpoint)
-    features = meta.get("config", {}).get("data", {}).get("features", "colour-texture")
+    ev = load_for_eval(a.checkpoint)
     out = Path(a.out)
-    for i, hm in enumerate(slide_heatmaps(model, a.dataset, a.slide, a.text, features, mode=a.mode)):
+    mode = None if a.mode == "similarity" else a.mode
+    for i, hm in enumerate(slide_heatmaps(ev, a.dataset, a.slide, a.text, mode=mode)):
         png = hm.save_png(out / f"{a.slide}.heatmap{i}.png")
         line = f"{hm.text!r}: {png}"
         if a.label:
-            from pathvl.data.synthetic import load_ground_truth
+            from pathvl.synthetic import load_ground_truth
 
             line += f"  localisation AUROC {hm.auroc(load_ground_truth(hm.slide_path), a.label):.3f}"
         print(line)
-    return 0
-
-
-def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="write a generated pathology report for a slide (PathAlign)",
-                       description="Generate the report of one embedded slide with a PathAlign model.",
-                       epilog="example:\n  pathvl report slide-01 --dataset data/grid --checkpoint runs/pathalign "
-                              "--reports reports.csv\n", formatter_class=_Formatter)
-    p.add_argument("slide", help="slide id in the dataset")
-    p.add_argument("--dataset", required=True, help="dataset folder (embedded)")
-    p.add_argument("--checkpoint", required=True, help="PathAlign run folder (stage 1 or 2)")
-    p.add_argument("--reports", default=None, help="CSV/JSONL of slide_id,text (reference reports), optional")
-    p.add_argument("--context", default=None, help="clinical context for the prompt (stage 2)")
-    p.add_argument("--beams", type=int, default=1, help="beam width (1 = greedy)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="longest report")
-    p.add_argument("--out", default="reports", help="output folder")
-    p.set_defaults(func=_run_report)
-
-
-def _run_report(a: argparse.Namespace) -> int:
-    from pathvl.models.pathalign import build_report_dataset, load_pathalign, write_slide_report
-
-    model, meta = load_pathalign(a.checkpoint)
-    features = meta.get("config", {}).get("data", {}).get("features", "colour-texture")
-    reports = a.reports if a.reports else {a.slide: "(no reference report given)"}
-    ds = build_report_dataset(a.dataset, reports, features, slide_ids=[a.slide], train=False)
-    path = write_slide_report(model, ds, a.slide, a.out, context=a.context, max_new_tokens=a.max_new_tokens,
-                              num_beams=a.beams)
-    print(f"report: {path.with_suffix('').with_suffix('.txt')}  ({path})")
     return 0
 
 
@@ -485,8 +445,14 @@ def _run_info(a: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- main
 _COMMANDS: list[Callable] = [
     _add_tile, _add_caption, _add_embed, _add_pretrain, _add_zeroshot, _add_probe, _add_retrieve, _add_heatmap,
-    _add_report, _add_demo, _add_info,
+    _add_demo, _add_info,
 ]
+
+
+# Commands that live in their own module of this package: each has ``register(sub)`` adding its parser(s).
+_COMMAND_MODULES: tuple[str, ...] = (
+    "pathvl.cli.interop", "pathvl.cli.mil", "pathvl.cli.learn", "pathvl.cli.ask", "pathvl.cli.check", "pathvl.cli.view",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -498,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in _COMMANDS:
         add(sub)
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
@@ -510,10 +480,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (argparse.ArgumentTypeError, *_user_errors()) as e:
+    except _user_errors() as e:
         if os.environ.get("PATHVL_DEBUG"):
             raise
-        msg = str(e).strip("'\"") if isinstance(e, KeyError) else str(e)
+        msg = str(e)
         print(f"pathvl {args.command}: error: {msg}  (PATHVL_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

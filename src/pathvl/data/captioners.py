@@ -13,7 +13,7 @@ A captioner turns a batch of patches into one caption each::
 Three captioners are registered (``list_captioners()``); add more with :func:`register_captioner`:
 
 - ``template``: synthetic template text, *not a model*. It describes the ground-truth class map written
-  beside a synthetic slide (:func:`pathvl.data.synthetic.load_ground_truth`) inside each patch's
+  beside a synthetic slide (:func:`pathvl.synthetic.load_ground_truth`) inside each patch's
   level-0 footprint, in magnification-aware wording (architecture and layout at 5x/10x, cells at
   20x/40x), and/or a slide-level label from a CSV. Where neither exists it writes a generic caption
   and counts it.
@@ -30,7 +30,6 @@ Every captioner keeps running counts in :attr:`Captioner.counts` (e.g. ``generic
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import inspect
 import json
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+
+from pathvl.data.tables import read_labels, read_table
 
 #: MR-PLIP's question to the vision-language model; ``{mag}`` becomes the patch magnification ("20").
 DEFAULT_QUESTION = "Describe the histopathological features of this image patch at {mag}x magnification."
@@ -265,23 +266,6 @@ def _position(mask: np.ndarray) -> str:
     return f"along the {vert or horiz} edge"
 
 
-def _read_labels_csv(path: str | Path) -> dict[str, str]:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"slide labels file not found: {p} (pass a CSV with columns slide_id,label)")
-    with open(p, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
-        if "slide_id" not in cols or "label" not in cols:
-            raise ValueError(f"{p}: columns {cols}; expected slide_id,label (one row per slide)")
-        out = {}
-        for row in reader:
-            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-            if row["slide_id"]:
-                out[row["slide_id"]] = row["label"]
-    return out
-
-
 @register_captioner("template")
 class TemplateCaptioner(Captioner):
     """Synthetic template text from ground-truth class maps and slide labels; not a model.
@@ -313,7 +297,7 @@ class TemplateCaptioner(Captioner):
         super().__init__()
         self.batch_size = 4096
         self.labels_path = str(labels) if labels is not None else None
-        self.labels = _read_labels_csv(labels) if labels is not None else {}
+        self.labels = read_labels(labels) if labels is not None else {}
         self.seed = int(seed)
         self.use_ground_truth = bool(ground_truth)
         self._gt_cache: dict[str, Any] = {}
@@ -325,7 +309,7 @@ class TemplateCaptioner(Captioner):
         if not self.use_ground_truth or not slide_path:
             return None
         if slide_path not in self._gt_cache:
-            from pathvl.data.synthetic import load_ground_truth
+            from pathvl.synthetic import load_ground_truth
 
             try:
                 gt = load_ground_truth(slide_path)
@@ -421,42 +405,6 @@ EXPECTED_COLUMNS = ("slide_id, caption (or text), and either index or x, y, magn
                     "(JSONL: the same keys)")
 
 
-def _pick(cols: Collection[str], names: Sequence[str]) -> str | None:
-    return next((n for n in names if n in cols), None)
-
-
-def _read_rows(p: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    suffix = p.suffix.lower()
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        rows, cols = [], set()
-        with open(p, encoding="utf-8") as fh:
-            for ln, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{ln}: not a JSON object per line ({e})") from e
-                if not isinstance(row, dict):
-                    raise ValueError(f"{p}:{ln}: expected a JSON object, got {type(row).__name__}")
-                row["_line"] = ln
-                cols.update(row)
-                rows.append(row)
-        cols.discard("_line")
-        return sorted(cols), rows
-    if suffix not in (".csv", ".tsv", ".txt"):
-        raise ValueError(f"{p}: unknown caption file type {suffix!r}; use .csv, .tsv or .jsonl")
-    with open(p, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-        cols = [(c or "").strip() for c in (reader.fieldnames or [])]
-        rows = []
-        for ln, row in enumerate(reader, 2):
-            r = {(k or "").strip(): v for k, v in row.items()}
-            r["_line"] = ln
-            rows.append(r)
-    return cols, rows
-
-
 @register_captioner("import")
 class ImportCaptioner(Captioner):
     """Captions produced elsewhere, read from a CSV/TSV (with a header) or a JSONL file.
@@ -492,10 +440,15 @@ class ImportCaptioner(Captioner):
         if match not in ("auto", "index", "coords"):
             raise ValueError(f"match must be 'auto', 'index' or 'coords', got {match!r}")
         self.path = p
-        cols, rows = _read_rows(p)
-        slide_col, text_col = _pick(cols, SLIDE_COLUMNS), _pick(cols, TEXT_COLUMNS)
-        index_col, mag_col = _pick(cols, INDEX_COLUMNS), _pick(cols, MAG_COLUMNS)
-        has_coords = "x" in cols and "y" in cols and mag_col is not None
+        table = read_table(p, "caption file")
+        cols = table.columns
+        rows = [{**r, "_line": line} for r, line in zip(table.rows, table.lines)]
+        slide_col = table.column(None, SLIDE_COLUMNS, "slide id", required=False)
+        text_col = table.column(None, TEXT_COLUMNS, "caption", required=False)
+        index_col = table.column(None, INDEX_COLUMNS, "patch index", required=False)
+        mag_col = table.column(None, MAG_COLUMNS, "magnification", required=False)
+        x_col, y_col = table.column(None, ("x",), "x", required=False), table.column(None, ("y",), "y", required=False)
+        has_coords = x_col is not None and y_col is not None and mag_col is not None
         if match == "auto":
             match = "index" if index_col else "coords"
         ok = slide_col and text_col and ((match == "index" and index_col) or (match == "coords" and has_coords))
@@ -511,7 +464,7 @@ class ImportCaptioner(Captioner):
                 if match == "index":
                     key = (sid, int(str(r[index_col]).strip()))
                 else:
-                    key = (sid, round(float(r["x"])), round(float(r["y"])),
+                    key = (sid, round(float(r[x_col])), round(float(r[y_col])),
                            round(float(r[mag_col]), 3))
             except (TypeError, ValueError, KeyError) as e:
                 raise ValueError(f"{p}:{r['_line']}: unreadable slide id / patch ({e}); expected "
