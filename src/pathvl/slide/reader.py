@@ -1,16 +1,24 @@
 """Reading whole-slide images.
 
 OpenSlide first (the PyPI packages ``openslide-python`` and ``openslide-bin``: Aperio SVS, generic tiled
-TIFF, DICOM WSI, NDPI, MRXS, ...), tiffslide as the fallback for TIFFs OpenSlide refuses. Every coordinate
-in this module is a level-0 pixel ``(x, y)`` of the top-left corner, as in OpenSlide's ``read_region``.
+TIFF, DICOM WSI, NDPI, MRXS, ...), tiffslide as the fallback for TIFFs OpenSlide refuses and wsidicom (optional,
+``pip install wsidicom``) for DICOM WSIs OpenSlide refuses (e.g. RLE or other transfer syntaxes it lacks).
+Every coordinate in this module is a level-0 pixel ``(x, y)`` of the top-left corner, as in OpenSlide's
+``read_region``.
+
+DICOM: one slide is one series (``SeriesInstanceUID``); its instances (levels, label, overview) are files of
+one folder, and a folder may hold several series. :func:`find_slides` returns one file per series (its
+largest pyramid level) and :func:`slide_id_for` names it (see there); nothing in a folder is dropped or
+merged silently.
 
 The slide's microns per pixel come from, in order: a user override (``mpp=``), the scanner metadata
-(``openslide.mpp-x``/``tiffslide.mpp-x``), the objective power (``mpp = 10 / power``). Where it came
+(``openslide.mpp-x``/``tiffslide.mpp-x``/``wsidicom.mpp-x``), the objective power (``mpp = 10 / power``). Where it came
 from is kept in :attr:`Slide.mpp_source` and written into every dataset.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +26,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pathvl.errors import UserError
+
 #: File extensions a folder scan picks up as slides.
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm",
 )
 
 
-class SlideError(Exception):
+class SlideError(UserError, ValueError):
     """A slide could not be used; the message names the file and what to do."""
 
 
@@ -34,8 +44,8 @@ class Slide:
 
     Attributes:
         path: The file opened.
-        slide_id: Stable identifier (the file stem, or the folder name for DICOM series).
-        backend: ``"openslide"`` or ``"tiffslide"``.
+        slide_id: Stable identifier (the file stem; for DICOM see :func:`slide_id_for`).
+        backend: ``"openslide"``, ``"tiffslide"`` or ``"wsidicom"``.
         dimensions: Level-0 ``(width, height)``.
         level_dimensions: ``(width, height)`` of each pyramid level.
         level_downsamples: Level-0 pixels per level pixel, per level.
@@ -181,12 +191,226 @@ def _float_prop(props, *keys: str) -> float | None:
     return None
 
 
+# ----------------------------------------------------------------------------------------------- DICOM
+#: SOP class of VL Whole Slide Microscopy images, the only DICOM objects that are slides.
+DICOM_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+_DICOM_TAGS = ["SOPClassUID", "SeriesInstanceUID", "ImageType", "TotalPixelMatrixColumns", "TotalPixelMatrixRows"]
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """The ``.dcm`` files of one folder that share a ``SeriesInstanceUID``: one slide.
+
+    Attributes:
+        folder: The folder holding the files.
+        uid: The ``SeriesInstanceUID`` (``""`` for a file pydicom cannot parse: a series of its own).
+        files: The series' files, sorted.
+        main: The file to open: the largest ``VOLUME`` instance (the pyramid's base), else the first file.
+        is_wsi: Whether a file is a VL Whole Slide Microscopy image (or unparsable, so that opening it says
+            why); other DICOM objects (annotations, CT...) are not slides.
+        slide_id: The slide id (see :func:`slide_id_for`).
+    """
+
+    folder: Path
+    uid: str
+    files: tuple[Path, ...]
+    main: Path
+    is_wsi: bool
+    slide_id: str
+
+
+@dataclass(frozen=True)
+class _DicomHeader:
+    sop: str
+    uid: str
+    flavour: str
+    pixels: int
+
+
+def _dicom_header(path: Path) -> _DicomHeader | None:
+    """The few tags that group a file into its series, or None when it is not a readable DICOM file."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_DICOM_TAGS))
+    except Exception:  # pydicom raises many types for foreign or truncated files
+        return None
+    meta = getattr(ds, "file_meta", None)
+    sop = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else "") or "")
+    kind = ds.get("ImageType") or []
+    kind = [kind] if isinstance(kind, str) else list(kind)
+    pixels = int(ds.get("TotalPixelMatrixColumns") or 0) * int(ds.get("TotalPixelMatrixRows") or 0)
+    return _DicomHeader(sop=sop, uid=str(ds.get("SeriesInstanceUID") or "").strip(),
+                        flavour=str(kind[2]).upper() if len(kind) > 2 else "", pixels=pixels)
+
+
+def _dcm_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.suffix.lower() == ".dcm" and f.is_file())
+
+
+def dicom_series(folder: str | Path) -> list[DicomSeries]:
+    """The DICOM series of a folder, one per ``SeriesInstanceUID``, in order of their first file.
+
+    Headers are read once per folder state (file names, sizes and times), so naming and opening the
+    slides of a folder reads each header once.
+
+    Raises:
+        SlideError: Several ``.dcm`` files and pydicom is not installed (it groups them).
+    """
+    folder = Path(folder)
+    files = _dcm_files(folder)
+    state = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return list(_series_of_folder(str(folder), state))
+
+
+@functools.lru_cache(maxsize=256)
+def _series_of_folder(folder_str: str, state: tuple) -> tuple[DicomSeries, ...]:
+    folder = Path(folder_str)
+    files = [folder / name for name, _, _ in state]
+    try:
+        headers = [_dicom_header(f) for f in files]
+    except ImportError:
+        if len(files) > 1:
+            raise SlideError(
+                f"{folder}: {len(files)} DICOM files; grouping them into slides (one per SeriesInstanceUID) "
+                "needs pydicom: pip install pydicom"
+            ) from None
+        headers = [None] * len(files)
+    groups: dict[str, list[tuple[Path, _DicomHeader | None]]] = {}
+    for f, h in zip(files, headers):
+        key = h.uid if h is not None and h.uid else f"file:{f.name}"
+        groups.setdefault(key, []).append((f, h))
+    out = []
+    for key, members in groups.items():
+        paths = tuple(f for f, _ in members)
+        uid = "" if key.startswith("file:") else key
+        volumes = [i for i, (_, h) in enumerate(members) if h is not None and h.flavour == "VOLUME"]
+        main = paths[max(volumes, key=lambda i: (members[i][1].pixels, -i))] if volumes else paths[0]
+        is_wsi = any(h is None or h.sop == DICOM_WSI_SOP_CLASS for _, h in members)
+        if len(paths) == 1:  # a lone .dcm (single-file WSI): its own name
+            candidates = [paths[0].stem, uid]
+        elif len(groups) == 1:  # the folder is the series' own: its name, as for a one-slide folder
+            candidates = [folder.resolve().name, uid, main.stem]
+        else:
+            candidates = [uid, main.stem]
+        sid = next(c for c in candidates if c)
+        out.append(DicomSeries(folder=folder, uid=uid, files=paths, main=main, is_wsi=is_wsi, slide_id=sid))
+    return tuple(out)
+
+
+def _series_of(path: Path) -> DicomSeries:
+    """The series a ``.dcm`` file belongs to."""
+    for s in dicom_series(path.parent):
+        if any(f.name == path.name for f in s.files):
+            return s
+    return DicomSeries(folder=path.parent, uid="", files=(path,), main=path, is_wsi=True, slide_id=path.stem)
+
+
+def _only_series(folder: Path) -> DicomSeries:
+    """The one DICOM WSI series of a folder.
+
+    Raises:
+        SlideError: No ``.dcm`` file, no WSI among them, or several series (naming them).
+    """
+    if not _dcm_files(folder):
+        raise SlideError(f"{folder}: a folder but not a DICOM WSI series (no .dcm files)")
+    series = [s for s in dicom_series(folder) if s.is_wsi]
+    if not series:
+        raise SlideError(f"{folder}: its .dcm files hold no VL Whole Slide Microscopy image")
+    if len(series) > 1:
+        ids = ", ".join(s.slide_id for s in series)
+        raise SlideError(f"{folder}: holds {len(series)} DICOM WSI series ({ids}); open one of their files "
+                         f"(e.g. {series[0].main}) or tile the folder, which gives one slide per series")
+    return series[0]
+
+
 def slide_id_for(path: str | Path) -> str:
-    """Identifier of a slide: the file stem, or the folder name for a DICOM file inside a series folder."""
+    """Identifier of a slide, never empty.
+
+    A slide file: its stem. A DICOM slide is a series (``SeriesInstanceUID``) of ``.dcm`` files in one
+    folder: a single-file series gets the file stem; a series that is alone in its folder gets the folder
+    name (the usual one-folder-per-slide layout); a series sharing its folder with others gets its
+    ``SeriesInstanceUID``. A folder holding one series is named as that series.
+
+    Raises:
+        SlideError: ``path`` is a folder holding several DICOM series, or none.
+    """
     p = Path(path)
-    if p.suffix.lower() == ".dcm":
-        return p.parent.name
-    return p.stem
+    if p.is_dir():
+        return _only_series(p).slide_id
+    if p.suffix.lower() == ".dcm" and p.is_file():
+        return _series_of(p).slide_id
+    return p.stem or p.name
+
+
+class _WsiDicomSlide:
+    """An OpenSlide-shaped view of a :class:`wsidicom.WsiDicom`.
+
+    ``read_region`` takes a level-0 location and a level index (0 = base) as OpenSlide does and returns an
+    ``(h, w, 3)`` uint8 array, white outside the image (``as_array`` is accepted for the tiffslide call
+    shape); wsidicom itself wants the location in the level's own pixels, names levels by their
+    power of two and refuses regions past the edge.
+    """
+
+    def __init__(self, wsi) -> None:
+        self._wsi = wsi
+        levels = sorted(wsi.levels, key=lambda lv: lv.level)
+        self._level_ids = [lv.level for lv in levels]
+        w0, h0 = levels[0].size.width, levels[0].size.height
+        self.dimensions = (int(w0), int(h0))
+        self.level_dimensions = tuple((int(lv.size.width), int(lv.size.height)) for lv in levels)
+        self.level_downsamples = tuple((w0 / w + h0 / h) / 2.0 for w, h in self.level_dimensions)
+        self.properties = {"wsidicom.vendor": "dicom", "wsidicom.level-count": str(len(levels))}
+        mpp = levels[0].mpp
+        if mpp is not None and mpp.width and mpp.height:
+            self.properties["wsidicom.mpp-x"] = repr(float(mpp.width))
+            self.properties["wsidicom.mpp-y"] = repr(float(mpp.height))
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int],
+                    as_array: bool = True) -> np.ndarray:
+        w, h = int(size[0]), int(size[1])
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        x, y = math.floor(location[0] / ds), math.floor(location[1] / ds)  # level pixels
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+        if x1 > x0 and y1 > y0:
+            part = self._wsi.read_region((x0, y0), self._level_ids[level], (x1 - x0, y1 - y0), as_array=True)
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = _to_rgb(np.asarray(part))
+        return out
+
+    def get_thumbnail(self, size: tuple[int, int]) -> Image.Image:
+        """The image fitted into ``size``, from the coarsest level still at least that large."""
+        tw, th = size
+        level = 0
+        for i, (lw, lh) in enumerate(self.level_dimensions):
+            if lw >= tw and lh >= th:
+                level = i
+        lw, lh = self.level_dimensions[level]
+        img = Image.fromarray(self.read_region((0, 0), level, (lw, lh)))
+        img.thumbnail((tw, th), Image.Resampling.LANCZOS)
+        return img
+
+    @property
+    def associated_images(self) -> dict[str, Image.Image]:
+        from wsidicom.errors import WsiDicomNotFoundError
+
+        out = {}
+        for name, read in (("label", self._wsi.read_label), ("macro", self._wsi.read_overview)):
+            try:
+                out[name] = read()
+            except WsiDicomNotFoundError:
+                continue
+        return out
+
+    def close(self) -> None:
+        self._wsi.close()
+
+
+def _open_wsidicom(path: Path) -> _WsiDicomSlide:
+    from wsidicom import WsiDicom
+
+    return _WsiDicomSlide(WsiDicom.open(list(_series_of(path).files)))
 
 
 def _open_handle(path: Path) -> tuple[object, str]:
@@ -204,9 +428,17 @@ def _open_handle(path: Path) -> tuple[object, str]:
             return tiffslide.TiffSlide(str(path)), "tiffslide"
         except Exception as e:  # tiffslide raises many types for foreign files
             errors.append(f"tiffslide: {type(e).__name__}: {e}")
+    if path.suffix.lower() == ".dcm":
+        try:
+            return _open_wsidicom(path), "wsidicom"
+        except ImportError:
+            errors.append("wsidicom: not installed (pip install wsidicom reads DICOM WSIs that OpenSlide refuses)")
+        except Exception as e:  # wsidicom raises many types for files it cannot use
+            errors.append(f"wsidicom: {type(e).__name__}: {e}")
     raise SlideError(
         f"{path}: not a readable whole-slide image ({'; '.join(errors)}); supported: "
-        f"{', '.join(SLIDE_EXTENSIONS)} through OpenSlide, other TIFFs through tiffslide"
+        f"{', '.join(SLIDE_EXTENSIONS)} through OpenSlide, other TIFFs through tiffslide, other DICOM WSIs "
+        "through wsidicom"
     )
 
 
@@ -214,7 +446,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     """Open a whole-slide image.
 
     Args:
-        path: A slide file (or a folder holding one DICOM WSI series).
+        path: A slide file (for DICOM: any file of the series, or a folder holding one series).
         mpp: Level-0 microns per pixel overriding the metadata (``--mpp``).
 
     Returns:
@@ -226,19 +458,17 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     """
     p = Path(path)
     if p.is_dir():
-        dcm = sorted(p.glob("*.dcm"))
-        if not dcm:
-            raise SlideError(f"{p}: a folder but not a DICOM WSI series (no .dcm files)")
-        p = dcm[0]
+        p = _only_series(p).main
     if not p.exists():
         raise SlideError(f"{p}: no such file")
     if p.stat().st_size == 0:
         raise SlideError(f"{p}: empty file")
     if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
         raise SlideError(f"{p}: --mpp must be a positive number of microns per pixel, got {mpp}")
+    sid = slide_id_for(p)  # before opening: a DICOM id reads the folder's headers and may refuse
     handle, backend = _open_handle(p)
     props = handle.properties
-    prefix = "openslide" if backend == "openslide" else "tiffslide"
+    prefix = backend  # property prefix: openslide., tiffslide. or wsidicom.
     meta_mpp = _float_prop(props, f"{prefix}.mpp-x", f"{prefix}.mpp-y")
     power = _float_prop(props, f"{prefix}.objective-power")
     if mpp is not None:
@@ -257,7 +487,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
         handle.close()
         raise SlideError(f"{p}: could not read the pyramid ({type(e).__name__}: {e})") from e
     return Slide(
-        path=p, slide_id=slide_id_for(p), backend=backend, dimensions=dims, level_dimensions=level_dims,
+        path=p, slide_id=sid, backend=backend, dimensions=dims, level_dimensions=level_dims,
         level_downsamples=downs, mpp=resolved, mpp_source=source, objective_power=power,
         vendor=props.get(f"{prefix}.vendor"), _handle=handle,
     )
@@ -266,8 +496,9 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
 def find_slides(inputs: list[str | Path]) -> list[Path]:
     """Expand files and folders into a sorted, de-duplicated list of slide paths.
 
-    A folder contributes every file with a slide extension (recursively); a folder of ``.dcm`` files
-    counts as one DICOM slide.
+    A folder contributes every file with a slide extension (recursively); the ``.dcm`` files of a folder
+    contribute one slide per DICOM WSI series (its main file, see :class:`DicomSeries`; DICOM objects that
+    are not slides are left out). A ``.dcm`` file given directly stands for its series.
 
     Raises:
         SlideError: An input that does not exist.
@@ -278,7 +509,7 @@ def find_slides(inputs: list[str | Path]) -> list[Path]:
         if not p.exists():
             raise SlideError(f"{p}: no such file or folder")
         if p.is_file():
-            found.append(p)
+            found.append(_series_of(p).main if p.suffix.lower() == ".dcm" else p)
             continue
         dicom_dirs = set()
         for f in sorted(p.rglob("*")):
@@ -289,7 +520,7 @@ def find_slides(inputs: list[str | Path]) -> list[Path]:
             if f.suffix.lower() == ".dcm":
                 if f.parent not in dicom_dirs:
                     dicom_dirs.add(f.parent)
-                    found.append(f.parent)
+                    found.extend(s.main for s in dicom_series(f.parent) if s.is_wsi)
                 continue
             found.append(f)
     seen, out = set(), []
