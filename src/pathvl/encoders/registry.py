@@ -4,6 +4,8 @@ Each entry is declared once, next to its builder, with :func:`register_vision` o
 :func:`register_text`. An entry carries what the docs and the CLI need to know without building
 anything (width, input size, whether user weights are required, a description and a citation).
 Prefix entries (``timm:<arch>``, ``bert:<dir>``) take the part after the colon as their argument.
+Entries registered with ``takes_args=True`` (``timm:<arch>``) also take constructor arguments
+(``build_vision(name, weights=..., args=...)``, ``pathvl embed --encoder-args``).
 
 Example:
     >>> from pathvl.encoders import build_vision, list_vision
@@ -14,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +42,9 @@ class EncoderEntry:
         citation: Paper or source to cite.
         weights_hint: Where to obtain the weights, used in error messages.
         tags: Free-form labels (``"test"`` for tiny twins, ``"demo"``).
+        source: Provenance of the published weights and preprocessing (e.g. the model card), listed by
+            :func:`describe_encoders`.
+        takes_args: The builder accepts constructor arguments (``args=``).
     """
 
     name: str
@@ -53,6 +58,8 @@ class EncoderEntry:
     citation: str = ""
     weights_hint: str = ""
     tags: tuple[str, ...] = field(default_factory=tuple)
+    source: str = ""
+    takes_args: bool = False
 
     @property
     def display_name(self) -> str:
@@ -87,15 +94,18 @@ def register_vision(
     citation: str = "",
     weights_hint: str = "",
     tags: tuple[str, ...] = (),
+    source: str = "",
+    takes_args: bool = False,
 ) -> Callable:
     """Decorator registering a vision-encoder builder ``fn(weights, **kw) -> VisionEncoder``.
 
-    Prefix builders are called as ``fn(arg, weights, **kw)``. See :class:`EncoderEntry` for the
-    arguments.
+    Prefix builders are called as ``fn(arg, weights, **kw)``; builders with ``takes_args`` also
+    receive ``args=``. See :class:`EncoderEntry` for the arguments.
     """
     return _register(
         _VISION, "vision", name, width=width, description=description, needs_weights=needs_weights,
         prefix=prefix, input_size=input_size, citation=citation, weights_hint=weights_hint, tags=tags,
+        source=source, takes_args=takes_args,
     )
 
 
@@ -121,7 +131,7 @@ def register_text(
 
 def _ensure_loaded() -> None:
     # The entries register themselves when their modules are imported.
-    from pathvl.encoders import text, vision  # noqa: F401
+    from pathvl.encoders import handcrafted, pathology, text, timm_models, vision  # noqa: F401
 
 
 def _lookup(table: dict[str, EncoderEntry], kind: str, name: str) -> tuple[EncoderEntry, str | None]:
@@ -148,12 +158,22 @@ def text_entry(name: str) -> EncoderEntry:
     return _lookup(_TEXT, "text", name)[0]
 
 
-def build_vision(name: str, weights: str | Path | None = None, **kw: Any) -> VisionEncoder:
+def build_vision(
+    name: str,
+    weights: str | Path | None = None,
+    *,
+    args: str | Path | Mapping[str, Any] | None = None,
+    **kw: Any,
+) -> VisionEncoder:
     """Build a frozen vision encoder by registry name.
 
     Args:
-        name: A registered name (``uni``, ``tiny-vit``, ...) or ``timm:<arch>``.
-        weights: Local weights file, required by entries that need weights (``uni``, ``timm:``).
+        name: A registered name (``uni``, ``virchow2``, ``tiny-vit``, ...) or ``timm:<arch>``.
+        weights: Local weights file (or model folder, for ``phikon-v2``), required by entries that
+            need weights.
+        args: Constructor arguments for entries that take them (``timm:<arch>``): a mapping, a JSON
+            string, or the path of a JSON/YAML file (what ``pathvl embed --encoder-args`` passes).
+            None: a file beside the weights is looked for (see :mod:`pathvl.encoders.timm_models`).
         **kw: Passed to the builder.
 
     Returns:
@@ -162,9 +182,19 @@ def build_vision(name: str, weights: str | Path | None = None, **kw: Any) -> Vis
     Raises:
         KeyError: Unknown name.
         FileNotFoundError: Weights required but missing; the message says where to get them.
-        ValueError: Weights unreadable, unsafe, or of another architecture.
+        EncoderError: Weights unreadable, unsafe, or of another architecture; constructor arguments
+            unknown to the architecture, or given to an entry whose architecture is fixed.
     """
     entry, arg = _lookup(_VISION, "vision", name)
+    if args is not None:
+        if not entry.takes_args:
+            from pathvl.encoders.weights import EncoderError
+
+            raise EncoderError(
+                f"encoder {name!r} has a fixed architecture and takes no constructor arguments "
+                "(--encoder-args); use timm:<arch> to build a timm architecture with your own arguments"
+            )
+        kw["args"] = args
     if arg is not None:
         return entry.builder(arg, weights, **kw)
     return entry.builder(weights, **kw)
@@ -226,13 +256,14 @@ def describe_encoders() -> str:
     lines = [
         "### Vision encoders",
         "",
-        "| name | width | input px | user weights | description | reference |",
-        "|---|---|---|---|---|---|",
+        "| name | width | input px | user weights | description | weights and preprocessing from | reference |",
+        "|---|---|---|---|---|---|---|",
     ]
     for e in sorted(_VISION.values(), key=lambda e: e.display_name):
         lines.append(
             f"| `{e.display_name}` | {e.width or 'varies'} | {e.input_size or 'varies'} | "
-            f"{'required' if e.needs_weights else 'none'} | {_cell(e.description)} | {_cell(e.citation)} |"
+            f"{'required' if e.needs_weights else 'none'} | {_cell(e.description)} | {_cell(e.source or '-')} | "
+            f"{_cell(e.citation)} |"
         )
     lines += [
         "",

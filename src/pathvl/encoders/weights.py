@@ -9,7 +9,9 @@ Only local files are read; nothing here touches a network. Two formats are accep
 Checkpoints that wrap the state dict (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped and
 the prefixes that training wrappers add (``module.``, ``model.``) are stripped when every key carries
 them. Loading is strict: any missing or unexpected key or shape mismatch is an error that names the
-encoder and a few offending keys, so a wrong file never yields a silently half-random model.
+encoder and a few offending keys, so a wrong file never yields a silently half-random model. Every such
+error is an :class:`EncoderError` (a :class:`~pathvl.errors.UserError` and a ``ValueError``), which the
+CLI prints as one line.
 """
 
 from __future__ import annotations
@@ -24,11 +26,25 @@ from pickle import UnpicklingError  # only to recognise torch.load(weights_only=
 import torch
 from torch import nn
 
+from pathvl.errors import UserError
+
 TORCH_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 WRAPPER_KEYS = ("state_dict", "model", "module", "teacher", "model_state_dict")
 STRIP_PREFIXES = ("module.", "model.")
 _MAX_LISTED = 5
+
+
+class EncoderError(UserError, ValueError):
+    """An encoder cannot be built from what the user gave: a weights file that is unreadable, unsafe or of
+    another architecture, or constructor arguments that the architecture does not accept. The message
+    names the file (or flag) and the offending key."""
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message: errors here print as one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
@@ -68,7 +84,7 @@ def _sniff_format(path: Path) -> str:
         return "torch"
     if len(head) == 8:
         return "safetensors"  # starts with a little-endian u64 header length
-    raise ValueError(
+    raise EncoderError(
         f"cannot tell the format of weights file {path}: use one of "
         f"{', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)}"
     )
@@ -81,8 +97,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise ValueError(
-            f"weights file {path} is not a readable safetensors file (truncated or corrupt?): {exc}"
+        raise EncoderError(
+            f"weights file {path} is not a readable safetensors file (truncated or corrupt?): {_first_line(exc)}"
         ) from exc
 
 
@@ -93,13 +109,14 @@ def _read_torch(path: Path) -> object:
     except UnpicklingError as exc:
         # weights_only=True raises this both for pickles that reference code (a __reduce__ calling
         # os.system, a custom class) and for garbage; either way nothing was executed.
-        raise ValueError(
+        raise EncoderError(
             f"refused to load weights file {path}: it is not a plain tensor checkpoint. The safe loader "
             "(torch.load weights_only=True) will not unpickle code or custom objects, which such a file "
-            f"would need. Convert it to .safetensors from a trusted source. Details: {exc}"
+            f"would need. Convert it to .safetensors from a trusted source. Details: {_first_line(exc)}"
         ) from exc
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise ValueError(f"weights file {path} could not be read (truncated or corrupt?): {exc}") from exc
+        why = _first_line(exc)
+        raise EncoderError(f"weights file {path} could not be read (truncated or corrupt?): {why}") from exc
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -110,10 +127,10 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
                 break
             obj = inner
     if not isinstance(obj, Mapping):
-        raise ValueError(f"weights file {path} holds a {type(obj).__name__}, not a state dict")
+        raise EncoderError(f"weights file {path} holds a {type(obj).__name__}, not a state dict")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise ValueError(f"weights file {path} holds no tensors (keys: {list(obj)[:_MAX_LISTED]})")
+        raise EncoderError(f"weights file {path} holds no tensors (keys: {list(obj)[:_MAX_LISTED]})")
     return tensors
 
 
@@ -156,8 +173,8 @@ def read_state_dict(
 
     Raises:
         FileNotFoundError: The file does not exist.
-        ValueError: The file is truncated, corrupt, not a tensor checkpoint, or a pickle that
-            would run code.
+        EncoderError: The file is truncated, corrupt, not a tensor checkpoint, or a pickle that
+            would run code (a ``ValueError``).
     """
     p = Path(os.fspath(path)).expanduser()
     if not p.is_file():
@@ -177,7 +194,7 @@ def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, enco
         source: Where the tensors came from (a path), used in the message.
 
     Raises:
-        ValueError: Listing a few missing keys, unexpected keys and shape mismatches.
+        EncoderError: Listing a few missing keys, unexpected keys and shape mismatches.
     """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
@@ -194,7 +211,7 @@ def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, enco
         if items:
             more = f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
             parts.append(f"{len(items)} {label}: {', '.join(items[:_MAX_LISTED])}{more}")
-    raise ValueError(
+    raise EncoderError(
         f"weights in {source} do not fit encoder {encoder!r} (wrong architecture or wrong file?): "
         + "; ".join(parts)
     )
@@ -211,6 +228,7 @@ def build_with_weights(
     encoder: str,
     hint: str = "",
     flag: str = "--weights",
+    select: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> tuple[nn.Module, str]:
     """Build a module and load local weights into it strictly.
 
@@ -225,15 +243,19 @@ def build_with_weights(
         encoder: Encoder name, used in messages.
         hint: Where to obtain the weights, used if the file is missing.
         flag: The command-line flag that passes the file.
+        select: Optional map from the file's tensors to the module's (e.g. keep only the vision
+            tower's ``visual.*`` keys of a CLIP checkpoint); strictness applies to what it returns.
 
     Returns:
         The module with its weights on the CPU, and the file's sha256.
 
     Raises:
         FileNotFoundError: The file does not exist.
-        ValueError: Unreadable file, unsafe pickle, or weights of another architecture.
+        EncoderError: Unreadable file, unsafe pickle, or weights of another architecture.
     """
     state_dict = read_state_dict(path, encoder=encoder, hint=hint, flag=flag)
+    if select is not None:
+        state_dict = select(state_dict)
     source = str(path)
     try:
         with torch.device("meta"):
@@ -260,3 +282,13 @@ def build_with_weights(
         check_keys(model, state_dict, encoder=encoder, source=source)
         model.load_state_dict(state_dict, strict=True)
     return model, sha256_file(path)
+
+
+__all__ = [
+    "EncoderError",
+    "build_with_weights",
+    "check_keys",
+    "read_state_dict",
+    "sha256_file",
+    "strip_prefixes",
+]
