@@ -29,13 +29,9 @@ from pathvl.data.embed import embed_dataset
 from pathvl.data.tiler import TileOptions, tile_slides
 from pathvl.eval.heatmap import Heatmap, colorize
 from pathvl.slide.tiling import TileSpec
+from pathvl.synthetic import write_synthetic_slide
 from pathvl.view import BackgroundServer, CaptionScorer, Scorer, create_app
 from pathvl.view.overlay import overlay_size, raster_mean
-
-try:
-    from pathvl.synthetic import write_synthetic_slide
-except ImportError:  # before the synthetic package moved out of data/
-    from pathvl.data.synthetic import write_synthetic_slide
 
 SID = "syn"
 FEATURES = "colour-texture"
