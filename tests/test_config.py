@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _train_worker as toy
 
-from pathvl.config import ConfigError, OptimConfig, RunConfig, config_hash, parse_override, save_config
+from pathvl.config import ConfigError, OptimConfig, RunConfig, config_hash, parse_override, resolve_paths, save_config
 from pathvl.config import files as config_mod
 from pathvl.families import load_config
 
@@ -172,6 +172,7 @@ def test_resolved_config_saved_and_reloaded_equal(tmp_path: Path) -> None:
                                 "model.dropout=0.1", "losses.uw=0.25", "run.backend=gloo"])
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
     again = load_config(path)
-    assert again == cfg
-    assert config_hash(again) == config_hash(cfg)
+    assert again == resolve_paths(cfg)  # saved with absolute paths: the same files from any directory
+    assert again.run.out_dir == str(Path.cwd() / "runs") and Path(again.run.out_dir).is_absolute()
+    assert config_hash(again) == config_hash(resolve_paths(cfg))
     assert config_hash(load_config(MINIMAL)) != config_hash(cfg)

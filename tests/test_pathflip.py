@@ -400,4 +400,6 @@ def test_the_training_engine_runs_the_family(synthetic, tmp_path):
     assert zs["n"] == len(names)
     assert main(["heatmap", names[0], "--dataset", root, "--checkpoint", run, "--text", "tumor",
                  "--out", str(tmp_path / "hm")]) == 0
-    assert (tmp_path / "hm" / f"{names[0]}.heatmap0.png").stat().st_size > 0
+    from pathvl.eval.heatmap import heatmap_filename
+
+    assert (tmp_path / "hm" / heatmap_filename(names[0], "tumor", run)).stat().st_size > 0

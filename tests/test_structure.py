@@ -108,7 +108,7 @@ def test_slide_families_evaluate_without_their_training_data(world, tmp_path, co
                      str(root / "eval_texts.csv"), "--out", str(tmp_path / "ret")]) == 0
         assert main(["heatmap", "s0", "--dataset", str(root / "eval"), "--checkpoint", str(run), "--text", "tumor",
                      "--out", str(tmp_path / "hm")]) == 0
-        assert (tmp_path / "hm" / "s0.heatmap0.png").stat().st_size > 0
+        assert (tmp_path / "hm" / f"s0.tumor.{run.name}.png").stat().st_size > 0
         if config.startswith("pathalign"):
             assert main(["report", "s1", "--dataset", str(root / "eval"), "--checkpoint", str(run),
                          "--out", str(tmp_path / "rep"), "--max-new-tokens", "6"]) == 0

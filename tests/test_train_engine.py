@@ -288,3 +288,18 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path: Path) -> None:
     w_ddp, w_single = _final_weights(run_dir), _final_weights(single.run_dir)
     for name in w_single:
         torch.testing.assert_close(w_ddp[name], w_single[name], atol=1e-5, rtol=1e-4)
+
+
+def test_a_run_resumes_from_another_working_directory(tmp_path: Path, monkeypatch) -> None:
+    """The saved config holds absolute paths, so `--resume RUN` works from anywhere."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    cfg = toy.toy_config("runs", "run.name=moved")  # a relative out_dir
+    first = train(cfg, stop_at=3)
+    saved = (first.run_dir / "config.yaml").read_text()
+    assert f"out_dir: {tmp_path / 'a' / 'runs'}" in saved
+    monkeypatch.chdir(tmp_path / "b")
+    second = pretrain(resume=tmp_path / "a" / "runs" / "moved")
+    assert second.step == 6 and second.run_dir.resolve() == (tmp_path / "a" / "runs" / "moved").resolve()
+    assert not (tmp_path / "b" / "runs").exists()

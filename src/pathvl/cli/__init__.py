@@ -370,20 +370,22 @@ def _add_heatmap(sub) -> None:
     p.add_argument("--text", action="append", required=True, help="query text (repeat for several)")
     p.add_argument("--mode", choices=["similarity", "attention"], default="similarity",
                    help="PathFLIP's score type (other families have one)")
+    p.add_argument("--vmin", type=float, default=None, help="score at the colour bar bottom (default: slide min)")
+    p.add_argument("--vmax", type=float, default=None, help="score at the top of the colour bar (default: slide max)")
     p.add_argument("--label", default=None, help="ground-truth class for a localisation AUROC (synthetic slides)")
     p.add_argument("--out", default="heatmaps", help="output folder")
     p.set_defaults(func=_run_heatmap)
 
 
 def _run_heatmap(a: argparse.Namespace) -> int:
-    from pathvl.eval.heatmap import slide_heatmaps
+    from pathvl.eval.heatmap import heatmap_filename, slide_heatmaps
     from pathvl.eval.loading import load_for_eval
 
     ev = load_for_eval(a.checkpoint)
     out = Path(a.out)
     mode = None if a.mode == "similarity" else a.mode
-    for i, hm in enumerate(slide_heatmaps(ev, a.dataset, a.slide, a.text, mode=mode)):
-        png = hm.save_png(out / f"{a.slide}.heatmap{i}.png")
+    for hm in slide_heatmaps(ev, a.dataset, a.slide, a.text, mode=mode):
+        png = hm.save_png(out / heatmap_filename(a.slide, hm.text, a.checkpoint, mode), vmin=a.vmin, vmax=a.vmax)
         line = f"{hm.text!r}: {png}"
         if a.label:
             from pathvl.synthetic import load_ground_truth
@@ -452,6 +454,7 @@ _COMMANDS: list[Callable] = [
 # Commands that live in their own module of this package: each has ``register(sub)`` adding its parser(s).
 _COMMAND_MODULES: tuple[str, ...] = (
     "pathvl.cli.interop", "pathvl.cli.mil", "pathvl.cli.learn", "pathvl.cli.ask", "pathvl.cli.check", "pathvl.cli.view",
+    "pathvl.cli.configs",
 )
 
 
@@ -468,7 +471,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    _no_abbreviations(parser)
     return parser
+
+
+def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """A prefix of a flag is an error, not silently that flag (``--out`` must not mean ``--output``)."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _no_abbreviations(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,6 +32,7 @@ from pathvl.config.files import (
     list_packaged_configs,
     load_config,
     parse_override,
+    resolve_paths,
     save_config,
 )
 from pathvl.config.sections import (
@@ -59,5 +60,6 @@ __all__ = [
     "list_packaged_configs",
     "load_config",
     "parse_override",
+    "resolve_paths",
     "save_config",
 ]

@@ -152,6 +152,37 @@ def load_config(
     return config_from_dict(raw, schemas)
 
 
+def resolve_paths(cfg: TrainConfig, base: Path | None = None) -> TrainConfig:
+    """A copy of ``cfg`` with every path-valued field absolute (relative to ``base``, default the working
+    directory), so a saved config means the same files from any directory (``--resume`` elsewhere).
+
+    Path fields are those whose dataclass field metadata has ``path=True`` (a prefix such as ``bert:``
+    given as ``path_prefix`` is kept); empty strings and non-path values (``tiny``) are left alone.
+    """
+    base = Path.cwd() if base is None else base
+
+    def fix(obj: Any) -> None:
+        if not dataclasses.is_dataclass(obj):
+            return
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            prefix = f.metadata.get("path_prefix")
+            if isinstance(value, str) and value and (f.metadata.get("path") or (prefix and value.startswith(prefix))):
+                head = prefix if prefix and value.startswith(prefix) else ""
+                rest = value[len(head):]
+                if rest in f.metadata.get("not_paths", ()):
+                    continue
+                p = Path(rest).expanduser()
+                object.__setattr__(obj, f.name, head + str(p if p.is_absolute() else (base / p).resolve()))
+            elif dataclasses.is_dataclass(value):
+                fix(value)
+
+    cfg = copy.deepcopy(cfg)
+    for section in (cfg.run, cfg.data, cfg.model):
+        fix(section)
+    return cfg
+
+
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
@@ -175,9 +206,11 @@ def config_to_yaml(cfg: TrainConfig) -> str:
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:
-    """Writes the resolved config (atomically: ``*.tmp`` then rename) and returns its path."""
+    """Writes the resolved config, its paths made absolute (atomically: ``*.tmp`` then rename), and
+    returns its path."""
     from pathvl import __version__
 
+    cfg = resolve_paths(cfg)  # the saved file means the same files from any directory
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -36,7 +36,7 @@ class RunConfig:
     """
 
     name: str = "run"
-    out_dir: str = "runs"
+    out_dir: str = field(default="runs", metadata={"path": True})
     seed: int = 0
     steps: int = 1000
     log_every: int = 10
@@ -106,7 +106,7 @@ class DataConfig:
         mags: Keep only these magnifications; empty keeps all (``[20]``: the single-resolution ablation).
     """
 
-    dataset: str = ""
+    dataset: str = field(default="", metadata={"path": True})
     batch_size: int = 32
     num_workers: int = 0
     shuffle: bool = True

@@ -27,7 +27,7 @@ import torch
 from pathvl import _const as K
 from pathvl.data.dataset import Dataset, DatasetError
 
-__all__ = ["Heatmap", "colorize", "localization_auroc", "slide_heatmaps"]
+__all__ = ["Heatmap", "colorize", "compose_figure", "heatmap_filename", "localization_auroc", "slide_heatmaps"]
 
 # A perceptually ordered dark-blue -> cyan -> yellow -> red ramp (anchors of matplotlib's "turbo").
 _RAMP = np.array([[48, 18, 59], [70, 107, 227], [40, 188, 235], [50, 241, 152], [164, 252, 60],
@@ -80,6 +80,8 @@ class Heatmap:
                 continue
             x0, y0 = int(np.floor(x / sx)), int(np.floor(y / sy))
             x1, y1 = max(x0 + 1, int(np.ceil((x + fp) / sx))), max(y0 + 1, int(np.ceil((y + fp) / sy)))
+            if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:  # wholly outside the slide: paints nothing
+                continue
             acc[max(y0, 0):min(y1, h), max(x0, 0):min(x1, w)] += s
             cnt[max(y0, 0):min(y1, h), max(x0, 0):min(x1, w)] += 1
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -87,19 +89,24 @@ class Heatmap:
         out[cnt == 0] = np.nan
         return out.astype(np.float32)
 
+    def scale(self, vmin: float | None = None, vmax: float | None = None) -> tuple[float, float]:
+        """The score range the colours span: ``vmin``/``vmax`` where given, else this slide's range."""
+        finite = self.scores[np.isfinite(self.scores)]
+        lo = float(vmin) if vmin is not None else (float(finite.min()) if len(finite) else 0.0)
+        hi = float(vmax) if vmax is not None else (float(finite.max()) if len(finite) else 1.0)
+        return lo, hi
+
     def overlay(self, thumbnail: np.ndarray, alpha: float = 0.5, vmin: float | None = None,
                 vmax: float | None = None) -> np.ndarray:
         """The heatmap drawn over an RGB thumbnail of the whole slide (uint8 ``(h, w, 3)``).
 
-        Scores are scaled to [vmin, vmax] (default: their range on this slide); pixels without a patch
-        show the thumbnail only.
+        Scores are scaled to [vmin, vmax] (default: their range on this slide, :meth:`scale`); pixels without
+        a patch show the thumbnail only.
         """
         th = np.asarray(thumbnail)[..., :3]
         h, w = th.shape[:2]
         r = self.raster((w, h))
-        finite = self.scores[np.isfinite(self.scores)]
-        lo = float(finite.min()) if vmin is None and len(finite) else (vmin or 0.0)
-        hi = float(finite.max()) if vmax is None and len(finite) else (vmax if vmax is not None else 1.0)
+        lo, hi = self.scale(vmin, vmax)
         norm = (r - lo) / max(hi - lo, 1e-12)
         colour = colorize(norm).astype(np.float64)
         out = th.astype(np.float64)
@@ -108,9 +115,21 @@ class Heatmap:
         return out.round().clip(0, 255).astype(np.uint8)
 
     def save_png(self, path: str | Path, thumbnail: np.ndarray | None = None, max_px: int = 1024,
-                 alpha: float = 0.5) -> Path:
-        """Write the heatmap over the slide thumbnail as a PNG (the thumbnail is read from ``slide_path``
-        when not given; without a slide file the heatmap is drawn on white).
+                 alpha: float = 0.5, vmin: float | None = None, vmax: float | None = None,
+                 title: str | None = None) -> Path:
+        """Write the heatmap over the slide thumbnail as a PNG a reader can interpret: a title band (the
+        query, the slide, the score type), the overlay, and a colour bar labelled with the score values and
+        the scale used (the thumbnail is read from ``slide_path`` when not given; without a slide file the
+        heatmap is drawn on white). Written to a temporary name and renamed.
+
+        Args:
+            path: The PNG to write.
+            thumbnail: RGB thumbnail of the whole slide.
+            max_px: Longest side of the thumbnail read from the slide.
+            alpha: Opacity of the colours.
+            vmin: Score at the bottom of the colour bar (default: the lowest score on this slide).
+            vmax: Score at the top (default: the highest on this slide).
+            title: First line of the title band (default: the query text).
 
         Returns:
             The path written.
@@ -119,9 +138,16 @@ class Heatmap:
 
         if thumbnail is None:
             thumbnail = self._thumbnail(max_px)
+        lo, hi = self.scale(vmin, vmax)
+        body = self.overlay(thumbnail, alpha=alpha, vmin=lo, vmax=hi)
+        stated = "fixed range" if vmin is not None and vmax is not None else "range on this slide"
+        lines = [title or f"query: {self.text}", f"slide {self.slide_id} - {self.mode} ({stated})"]
+        figure = compose_figure(body, lines, lo, hi)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(self.overlay(thumbnail, alpha=alpha)).save(path)
+        tmp = path.with_name(path.name + ".tmp")
+        Image.fromarray(figure).save(tmp, format="PNG")
+        tmp.replace(path)
         return path
 
     def _thumbnail(self, max_px: int) -> np.ndarray:
@@ -145,6 +171,61 @@ class Heatmap:
         """Patch-level localisation AUROC: scores against :meth:`patch_labels` (see
         :func:`localization_auroc`)."""
         return localization_auroc(self, gt, label, min_fraction)
+
+
+#: Layout of :func:`compose_figure`, in pixels.
+BAR_WIDTH, BAR_GAP, TITLE_LINE = 18, 12, 16
+
+
+def compose_figure(body: np.ndarray, lines: Sequence[str], lo: float, hi: float) -> np.ndarray:
+    """A white canvas with ``lines`` of title above ``body`` and a vertical colour bar (``lo`` at the
+    bottom, ``hi`` at the top, with tick labels) on its right: uint8 RGB.
+
+    The bar's pixel column ``BAR_GAP`` right of the body holds ``colorize`` of its height's values, so a
+    reader (or a test) can map any colour back to a score.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = body.shape[:2]
+    top = TITLE_LINE * len(lines) + 8
+    label_w = 64
+    H, W = top + max(h, 120) + 8, w + BAR_GAP + BAR_WIDTH + label_w
+    canvas = np.full((H, W, 3), 255, np.uint8)
+    canvas[top : top + h, :w] = body
+    bar_h = max(h, 120)
+    ramp = colorize(np.linspace(1.0, 0.0, bar_h))  # top = high
+    x0 = w + BAR_GAP
+    canvas[top : top + bar_h, x0 : x0 + BAR_WIDTH] = ramp[:, None, :]
+    img = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    for i, text in enumerate(lines):
+        draw.text((4, 4 + TITLE_LINE * i), text, fill=(0, 0, 0), font=font)
+    for frac in (0.0, 0.5, 1.0):
+        y = top + round((1 - frac) * (bar_h - 1))
+        value = lo + frac * (hi - lo)
+        draw.line([(x0 + BAR_WIDTH, y), (x0 + BAR_WIDTH + 4, y)], fill=(0, 0, 0))
+        draw.text((x0 + BAR_WIDTH + 6, min(max(y - 6, top), top + bar_h - 12)), f"{value:.3g}", fill=(0, 0, 0),
+                  font=font)
+    return np.asarray(img)
+
+
+def heatmap_filename(slide_id: str, text: str, checkpoint: str | Path | None = None, mode: str | None = None) -> str:
+    """A readable file name for a heatmap: ``<slide>.<query words>[.<mode>].<run>.png``, so heatmaps of
+    other queries, score types or checkpoints never overwrite each other."""
+    import hashlib
+    import re
+
+    words = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:48] or "query"
+    if words.replace("-", " ") != text:  # the slug lost something: keep distinct queries apart
+        words += "-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:6]
+    parts = [slide_id, words]
+    if mode:
+        parts.append(mode)
+    if checkpoint is not None:
+        run = Path(checkpoint).resolve()
+        parts.append(re.sub(r"[^A-Za-z0-9_.-]+", "-", run.name if run.name else "run"))
+    return ".".join(parts) + ".png"
 
 
 def localization_auroc(heatmap: Heatmap, gt: Any, label: int | str, min_fraction: float = 0.5) -> float:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -36,8 +36,8 @@ class PathAlignDataConfig(DataConfig):
         max_patches: Patches per slide (random without replacement when training; 0 keeps all).
     """
 
-    reports: str = ""
-    contexts: str = ""
+    reports: str = field(default="", metadata={"path": True})
+    contexts: str = field(default="", metadata={"path": True})
     max_patches: int = 1024
 
 

@@ -6,7 +6,7 @@ See :mod:`pathvl.models.pathflip` for the network.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -42,7 +42,7 @@ class PathFLIPDataConfig(DataConfig):
         standardize: Standardise the features with the training slides' statistics.
     """
 
-    texts: str = ""
+    texts: str = field(default="", metadata={"path": True})
     max_patches: int = 4096
     n_subcaptions: int = 8
     decomposer: str = "rules"

@@ -21,7 +21,7 @@ the paper) of bags: one 5x parent and its 10x/20x/40x descendants. Its parts, as
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +63,7 @@ class MRPLIPConfig:
     """
 
     feature_dim: int = 0
-    text_encoder: str = "tiny-text"
+    text_encoder: str = field(default="tiny-text", metadata={"path_prefix": "bert:"})
     text_width: int = 768
     text_layers: int = 6
     text_heads: int = 12

@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -120,7 +120,7 @@ class PathAlignConfig:
     """
 
     feature_dim: int = 0
-    text_encoder: str = "tiny-text"
+    text_encoder: str = field(default="tiny-text", metadata={"path_prefix": "bert:"})
     num_queries: int = 32
     cross_every: int = 2
     embed_dim: int = 256
@@ -134,8 +134,8 @@ class PathAlignConfig:
     itc_label_smoothing: float = 0.1
     itg_label_smoothing: float = 0.1
     stage: int = 1
-    init_from: str = ""
-    lm: str = "tiny"
+    init_from: str = field(default="", metadata={"path": True})
+    lm: str = field(default="tiny", metadata={"path": True, "not_paths": ("tiny",)})
     lm_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     tiny_lm_width: int = 64
     tiny_lm_layers: int = 2

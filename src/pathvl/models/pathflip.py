@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -102,7 +102,7 @@ class PathFLIPConfig:
     """
 
     feature_dim: int = 0
-    text_encoder: str = "tiny-text"
+    text_encoder: str = field(default="tiny-text", metadata={"path_prefix": "bert:"})
     text_train: str = "full"
     lora_rank: int = 8
     lora_alpha: float = 16.0

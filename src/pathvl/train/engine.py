@@ -40,7 +40,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from pathvl import __version__
-from pathvl.config import ConfigError, OptimConfig, TrainConfig, config_hash, config_to_dict, save_config
+from pathvl.config import (
+    ConfigError,
+    OptimConfig,
+    TrainConfig,
+    config_hash,
+    config_to_dict,
+    resolve_paths,
+    save_config,
+)
 from pathvl.data.checkpoint import (
     check_family,
     get_rng_state,
@@ -546,7 +554,7 @@ def _save(
         "torch_version": torch.__version__,
         "world_size": dist_info.world_size,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": config_to_dict(cfg),
+        "config": config_to_dict(resolve_paths(cfg)),
     }
     return save_checkpoint(run_dir, step, module.model, trainer_state, meta,
                            keep_last=cfg.run.keep_last, save_frozen=cfg.run.save_frozen)
