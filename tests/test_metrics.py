@@ -201,7 +201,7 @@ def test_bootstrap_interval_narrows_with_more_data():
 
 def test_classification_report_matches_parts_and_is_json():
     y, pred, prob = _data(3, 150, 4, missing=2)
-    rep = M.classification_report(y, pred, prob, class_names=["a", "b", "c", "d"], n_bootstrap=50)
+    rep = M.classification_report(y, pred, prob, class_names=["a", "b", "c", "d"], n_bootstrap=50, ordinal=True)
     m = rep["metrics"]
     assert m["f1_weighted"] == pytest.approx(skm.f1_score(y, pred, average="weighted"), abs=1e-12)
     assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred), abs=1e-12)
@@ -273,3 +273,15 @@ def test_markdown_of_few_shot_retrieval_and_topj():
     md = R.render_markdown(topj)
     f1 = topj["topj"]["5"]["metrics"]["f1_weighted"]
     assert f"| 5 | {f1:.4f} |" in md and "### j = 5" in md
+
+
+def test_nominal_classes_get_unweighted_kappa_and_degenerate_intervals_are_explained():
+    y = np.array([0, 0, 1, 1, 2, 2] * 5)
+    rep = M.classification_report(y, y.copy(), class_names=["a", "b", "c", "z"], n_bootstrap=30)
+    assert "kappa" in rep["metrics"] and "kappa_quadratic" not in rep["metrics"]
+    assert rep["metrics"]["kappa"] == pytest.approx(skm.cohen_kappa_score(y, y))
+    assert rep["ci"]["accuracy"] == [1.0, 1.0]  # a perfect predictor: every resample scores 1
+    notes = " ".join(rep["notes"])
+    assert "zero-width 95% intervals" in notes and "accuracy" in notes and "['z']" in notes
+    ordinal = M.classification_report(y, y.copy(), ordinal=True)
+    assert ordinal["metrics"]["kappa_quadratic"] == pytest.approx(1.0) and ordinal["notes"] == []

@@ -81,3 +81,16 @@ def test_retrieval_errors():
         RT.retrieval_recall(img, txt, owner[:5])
     with pytest.raises(ValueError, match="width 12 but text embeddings 4"):
         RT.retrieval_recall(img, txt[:, :4], owner)
+
+
+def test_recall_at_k_over_few_candidates_says_it_is_trivial():
+    import torch
+
+    from pathvl.eval.retrieval import retrieval_from_similarity, retrieval_recall
+
+    img = torch.eye(5)
+    rep = retrieval_recall(img, img, ks=(1, 5, 10))
+    assert rep["image_to_text"]["R@10"] == 1.0
+    assert rep["notes"] == ["image-to-text R@5/10 is 1 by construction: only 5 candidates (chance R@1 = 0.2)",
+                            "text-to-image R@5/10 is 1 by construction: only 5 candidates (chance R@1 = 0.2)"]
+    assert retrieval_from_similarity(torch.eye(20), ks=(1, 5, 10))["notes"] == []

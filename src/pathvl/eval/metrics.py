@@ -466,6 +466,7 @@ def classification_report(
     alpha: float = 0.05,
     seed: int = 0,
     stratified: bool = True,
+    ordinal: bool = False,
 ) -> dict[str, Any]:
     """Every metric of this module for integer labels 0..C-1, as a JSON-ready dictionary.
 
@@ -479,14 +480,17 @@ def classification_report(
         alpha: 1 - confidence level of the intervals.
         seed: Bootstrap seed; every metric uses the same resamples.
         stratified: Stratify the bootstrap by true class.
+        ordinal: The classes are ordered grades (Gleason, ...): add the linearly and quadratically
+            weighted kappas, which mean nothing for nominal classes.
 
     Returns:
         A dict with ``n``, ``class_names``, ``metrics`` (accuracy, balanced_accuracy, f1_weighted,
-        f1_macro, kappa, kappa_linear, kappa_quadratic, and auroc for two classes or
+        f1_macro, kappa (unweighted), kappa_linear and kappa_quadratic when ``ordinal``, and auroc for two classes or
         auroc_ovr_macro and auroc_ovo_macro for more), ``per_class`` (precision, recall, f1,
         support, auroc per class), ``confusion_matrix`` (rows true, columns predicted), and ``ci``
         ({metric: [low, high]} plus ``alpha``, ``n_bootstrap``, ``stratified``) when
-        ``n_bootstrap`` > 0. Undefined values are None.
+        ``n_bootstrap`` > 0, and ``notes``: plain sentences where a figure needs a caveat (a zero-width
+        interval, a class absent from the data). Undefined values are None.
     """
     t, p = _check_pair(y_true, y_pred)
     for name, arr in (("y_true", t), ("y_pred", p)):
@@ -513,9 +517,10 @@ def classification_report(
         "f1_weighted": (weighted_f1, p),
         "f1_macro": (macro_f1, p),
         "kappa": (lambda a, b: cohen_kappa(a, b, None, labels), p),
-        "kappa_linear": (lambda a, b: cohen_kappa(a, b, "linear", labels), p),
-        "kappa_quadratic": (lambda a, b: cohen_kappa(a, b, "quadratic", labels), p),
     }
+    if ordinal:
+        metric_fns["kappa_linear"] = (lambda a, b: cohen_kappa(a, b, "linear", labels), p)
+        metric_fns["kappa_quadratic"] = (lambda a, b: cohen_kappa(a, b, "quadratic", labels), p)
     n_present = len(np.unique(t))
     if s is not None and n_present >= 2:
         if c <= 2:
@@ -550,10 +555,24 @@ def classification_report(
         "per_class": per_class,
         "confusion_matrix": confusion_matrix(t, p, labels).tolist(),
     }
+    notes: list[str] = []
+    absent = [names[k] for k in range(c) if support[k] == 0]
+    if absent:
+        notes.append(f"classes without samples in the data: {absent} (their recall and AUROC are undefined)")
     if n_bootstrap > 0:
         ci: dict[str, Any] = {"alpha": alpha, "n_bootstrap": n_bootstrap, "stratified": stratified}
+        flat = []
         for k, (fn, y) in metric_fns.items():
             _, low, high = bootstrap_ci(fn, t, y, n=n_bootstrap, alpha=alpha, seed=seed, stratified=stratified)
             ci[k] = [_none_if_nan(low), _none_if_nan(high)]
+            if ci[k][0] is not None and ci[k][0] == ci[k][1]:
+                flat.append(k)
         report["ci"] = ci
+        if flat:
+            why = (" (a stratified bootstrap keeps every class's count, so a predictor that is right or wrong on "
+                   "whole classes gives every resample the same value)" if stratified else "")
+            notes.append(f"zero-width {int(100 * (1 - alpha))}% intervals for {flat}: every resample of the "
+                         f"{len(t)} samples gave the same value{why}; the interval says nothing about their "
+                         "uncertainty: report more samples")
+    report["notes"] = notes
     return report

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["image_to_text_ranks", "recall_at_k", "retrieval_from_similarity", "retrieval_recall", "text_to_image_ranks"]
+__all__ = ["image_to_text_ranks", "recall_at_k", "retrieval_from_similarity", "retrieval_recall", "text_to_image_ranks",
+           "trivial_k_notes"]
 
 
 def _emb(x: Any, name: str) -> torch.Tensor:
@@ -155,7 +156,19 @@ def retrieval_recall(
         "n_images": n_img,
         "n_texts": n_txt,
         "n_image_queries": int((i2t >= 0).sum()),
+        "notes": trivial_k_notes(ks, n_img, n_txt),
     }
+
+
+def trivial_k_notes(ks: Sequence[int], n_images: int, n_texts: int) -> list[str]:
+    """Caveats for Recall@K values that cannot fail: K at least the number of candidates."""
+    notes = []
+    for what, n in (("image-to-text", n_texts), ("text-to-image", n_images)):
+        trivial = [k for k in ks if k >= n]
+        if trivial:
+            notes.append(f"{what} R@{'/'.join(map(str, trivial))} is 1 by construction: only {n} candidates "
+                         f"(chance R@1 = {1 / max(n, 1):.3g})")
+    return notes
 
 
 def retrieval_from_similarity(sim: Any, text_to_image: Any = None, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
@@ -193,4 +206,4 @@ def retrieval_from_similarity(sim: Any, text_to_image: Any = None, ks: Sequence[
     i2t = torch.where(has, (s > best[:, None]).sum(1), torch.full((n_img,), -1)).numpy()
     t2i = (s.t() > pos[:, None]).sum(1).numpy()
     return {"image_to_text": recall_at_k(i2t, ks), "text_to_image": recall_at_k(t2i, ks), "n_images": n_img,
-            "n_texts": n_txt, "n_image_queries": int(has.sum())}
+            "n_texts": n_txt, "n_image_queries": int(has.sum()), "notes": trivial_k_notes(ks, n_img, n_txt)}
