@@ -48,7 +48,6 @@ from typing import Any
 
 import h5py
 import numpy as np
-from tqdm.auto import tqdm
 
 from pathvl import __version__
 from pathvl import _const as K
@@ -62,6 +61,7 @@ from pathvl.data.dataset import (
     update_manifest,
 )
 from pathvl.errors import UserError
+from pathvl.progress import tqdm
 from pathvl.slide.geometry import footprint_px, mag_to_mpp
 from pathvl.slide.reader import Slide, SlideError, find_slides, open_slide, slide_id_for
 from pathvl.slide.tiling import IntegralMask, SpecError, TileSpec

@@ -43,12 +43,12 @@ from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
-from tqdm.auto import tqdm
 
 from pathvl import __version__
 from pathvl import _const as K
 from pathvl.errors import UserError
 from pathvl.eval import metrics as M
+from pathvl.progress import tqdm
 
 if TYPE_CHECKING:  # torch is imported where it runs, so that the CLI parses its arguments without it
     import torch

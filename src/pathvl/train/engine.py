@@ -37,7 +37,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from pathvl import __version__
 from pathvl.config import (
@@ -63,6 +62,7 @@ from pathvl.data.checkpoint import (
 from pathvl.dist import DistInfo, all_reduce_mean, barrier, init_distributed, is_dist_initialized
 from pathvl.errors import UserError
 from pathvl.families import get_family, load_config
+from pathvl.progress import tqdm
 from pathvl.train.schedule import WarmupCosine
 
 __all__ = [
@@ -480,7 +480,7 @@ def train(
     global_batch = cfg.data.batch_size * cfg.optim.accum_steps * dist_info.world_size
     autocast = _autocast(device, cfg.run.precision)
     metrics = _MetricsLog(run_dir / METRICS_FILE, start_step) if dist_info.is_main else None
-    bar = tqdm(total=last_step, initial=start_step, desc=cfg.run.name, dynamic_ncols=True,
+    bar = tqdm(total=last_step, initial=start_step, desc=cfg.run.name, unit="step", dynamic_ncols=True,
                disable=not (dist_info.is_main and cfg.run.progress))
     history: deque[dict[str, float]] = deque(maxlen=HISTORY_LEN)
     saved = ckpt
@@ -502,7 +502,7 @@ def train(
             history.append(record)
             if metrics is not None and (step % cfg.run.log_every == 0 or step == last_step):
                 metrics.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", s_per_step=f"{dt:.2f}")
             bar.update(1)
             if (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or step == last_step:
                 saved = _save(run_dir, step, module, optimizer, schedule, stream, cfg, dist_info) or saved
