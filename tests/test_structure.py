@@ -109,6 +109,12 @@ def test_slide_families_evaluate_without_their_training_data(world, tmp_path, co
         assert main(["heatmap", "s0", "--dataset", str(root / "eval"), "--checkpoint", str(run), "--text", "tumor",
                      "--out", str(tmp_path / "hm")]) == 0
         assert (tmp_path / "hm" / f"s0.tumor.{run.name}.png").stat().st_size > 0
+        # slide embeddings for a linear head (`pathvl mil`), from the model alone
+        npz = tmp_path / "slides.npz"
+        assert main(["mil", "embed", "--checkpoint", str(run), "--dataset", str(root / "eval"), "--out", str(npz)]) == 0
+        with np.load(npz) as z:
+            assert sorted(z.files) == [f"s{i}" for i in range(6)]
+            assert np.allclose(np.linalg.norm(z["s0"], axis=-1), 1.0, atol=1e-5)
         if config.startswith("pathalign"):
             assert main(["report", "s1", "--dataset", str(root / "eval"), "--checkpoint", str(run),
                          "--out", str(tmp_path / "rep"), "--max-new-tokens", "6"]) == 0

@@ -133,6 +133,28 @@ def register(sub) -> None:
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=_run_eval)
 
+    m = msub.add_parser("embed", help="slide embeddings of a PathFLIP/PathAlign run, for a linear head",
+                        description="Embed every slide of a dataset with a trained slide model (PathFLIP, PathAlign) "
+                                    "and write one array per slide id to an .npz, the input of "
+                                    "`pathvl mil train --slide-embeddings`.",
+                        epilog="example:\n  pathvl mil embed --checkpoint runs/pathflip-cpu --dataset data/grid "
+                               "--out slides.npz\n  pathvl mil train --slide-embeddings slides.npz --labels labels.csv "
+                               "--out runs/linear\n", formatter_class=_Formatter)
+    m.add_argument("--checkpoint", required=True, help="run folder of a slide model")
+    m.add_argument("--dataset", required=True, help="dataset folder embedded with the run's features")
+    m.add_argument("--out", required=True, help="the .npz to write")
+    m.set_defaults(func=_run_embed)
+
+
+def _run_embed(a: argparse.Namespace) -> int:
+    from pathvl.eval.loading import load_for_eval
+    from pathvl.eval.slides import save_slide_embeddings
+
+    ev = load_for_eval(a.checkpoint, kind="slide")
+    path = save_slide_embeddings(ev, a.dataset, a.out)
+    print(f"slide embeddings of {ev.family} ({ev.source}): {path}")
+    return 0
+
 
 def _run_root(a: argparse.Namespace) -> int:
     if a.list:

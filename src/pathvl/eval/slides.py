@@ -34,6 +34,7 @@ __all__ = [
     "generate_text",
     "patch_text_scores",
     "retrieve_slides",
+    "save_slide_embeddings",
     "slide_dataset",
     "slide_patch_scores",
     "slide_scores",
@@ -76,6 +77,23 @@ def embed_slides(ev: EvalModel, dataset: str | Path, texts: Any = None, slide_id
     text_emb = ev.encode_texts(ds.captions) if texts is not None else None
     return {"slide_emb": torch.cat(se), "text_emb": text_emb, "slide_ids": list(ds.slide_ids),
             "captions": list(ds.captions)}
+
+
+def save_slide_embeddings(ev: EvalModel, dataset: str | Path, path: str | Path,
+                          slide_ids: Sequence[str] | None = None, batch_size: int = 8) -> Path:
+    """Writes every slide's embedding to an ``.npz`` (one array per slide id, L2-normalised; ``(Q, E)`` for
+    query-based models), the input of :func:`pathvl.eval.mil.fit_slide_embeddings` (``pathvl mil train
+    --slide-embeddings``). Written to a temporary name and renamed."""
+    emb = embed_slides(ev, dataset, None, slide_ids, batch_size)
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise EvalError(f"{path}: slide embeddings are written as .npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    arrays = {sid: F.normalize(e.float(), dim=-1).numpy() for sid, e in zip(emb["slide_ids"], emb["slide_emb"])}
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return path
 
 
 def retrieve_slides(ev: EvalModel, dataset: str | Path, texts: Any, ks: Sequence[int] = (1, 5, 10),
