@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,18 +14,18 @@ import pytest
 
 from pathvl import _const as K
 from pathvl.data.caption import MAX_CAPTION_CHARS, caption_dataset, clean_caption, read_captions
-from pathvl.data.dataset import Dataset, DatasetError
-from pathvl.synthetic import load_ground_truth, write_synthetic_slide
-from pathvl.data.tiler import TileOptions, encode_jpeg, tile_slides
-from pathvl.slide.bags import read_patch
-from pathvl.slide.reader import open_slide
-from pathvl.slide.tiling import TileSpec
 from pathvl.data.captioners import (
     Captioner,
     build_captioner,
     list_captioners,
     register_captioner,
 )
+from pathvl.data.dataset import Dataset, DatasetError
+from pathvl.data.tiler import TileOptions, encode_jpeg, tile_slides
+from pathvl.slide.bags import read_patch
+from pathvl.slide.reader import open_slide
+from pathvl.slide.tiling import TileSpec
+from pathvl.synthetic import load_ground_truth, write_synthetic_slide
 from pathvl.text.keywords import extract_keywords, split_keywords
 
 SID = "syn"
@@ -266,8 +267,12 @@ def test_pixels_from_slide_and_from_jpegs(ds_copy: Path) -> None:
 def test_missing_slide_without_pixels(ds_copy: Path) -> None:
     with h5py.File(ds_copy / f"{SID}.h5", "a") as f:
         f.attrs[K.ATTR_SLIDE_PATH] = "/nowhere/gone.svs"
-    with pytest.raises(DatasetError, match=r"/nowhere/gone\.svs.*--store-pixels"):
-        caption_dataset(ds_copy, _Pixels(), progress=False)
+    # the slide fails alone, named, and is recorded in the manifest (issue 16: per-slide isolation)
+    s = caption_dataset(ds_copy, _Pixels(), progress=False)
+    assert not s.done and list(s.failed) == [SID]
+    assert re.search(r"/nowhere/gone\.svs.*--store-pixels", s.failed[SID])
+    rec = json.loads((ds_copy / K.MANIFEST).read_text())["slides"][SID]
+    assert "--store-pixels" in rec["errors"]["caption _test-pixels"]
     caption_dataset(ds_copy, "template", progress=False)  # needs no pixels: still fine (generic)
 
 

@@ -17,12 +17,12 @@ from pathvl import _const as K
 from pathvl.cli import main
 from pathvl.data.dataset import Dataset, DatasetError
 from pathvl.data.embed import embed_dataset
-from pathvl.synthetic import write_synthetic_slide
 from pathvl.data.tiler import TileOptions, decode_jpeg, tile_slides
 from pathvl.encoders import build_vision
 from pathvl.slide.bags import BagReader
 from pathvl.slide.reader import open_slide
 from pathvl.slide.tiling import TileSpec, plan_from_dataset
+from pathvl.synthetic import write_synthetic_slide
 
 # bags of 1 + 4 + 16 + 64 = 85 patches of 32 px (5x root: 256 level-0 px at 0.25 um/px)
 SPEC = TileSpec(patch_px=32, parents=2, min_tissue=0.3)
@@ -133,19 +133,24 @@ def test_resume_after_interruption(tmp_path, slides, monkeypatch):
 
 
 def test_half_written_features_are_replaced(tmp_path, slides, monkeypatch):
-    """A crash between writing ``.partial`` and renaming it leaves no complete features; the rerun
-    replaces the partial dataset."""
-    root = _tile(slides, tmp_path / "ds")
-    real_move = h5py.Group.move
+    """Copy-on-write (issue 16): a crash before the new copy is swapped in leaves the old file byte for byte
+    and no temporary file; a ``.partial`` dataset left by an earlier in-place writer is dropped on the rerun."""
+    import pathvl.data.dataset as dataset_mod
 
-    def crash(self, source, dest):
+    root = _tile(slides, tmp_path / "ds")
+    before = (root / "a.h5").read_bytes()
+
+    def crash(*a, **kw):  # the new copy is written and synced; killed before it is verified and swapped in
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(h5py.Group, "move", crash)
+    monkeypatch.setattr(dataset_mod, "verify_copy", crash)
     with pytest.raises(KeyboardInterrupt):
         embed_dataset(root, "tiny-vit", workers=0, progress=False)
+    monkeypatch.undo()
+    assert (root / "a.h5").read_bytes() == before and not list(root.glob("*.tmp"))
+    with h5py.File(root / "a.h5", "a") as f:  # what an interrupted in-place writer of earlier versions left
+        f.create_dataset(f"{K.FEATURES}/.tiny-vit.partial", data=np.zeros((3, 2)))
     assert _partials(root) == ["a.h5:.tiny-vit.partial"]
-    monkeypatch.setattr(h5py.Group, "move", real_move)
     s = embed_dataset(root, "tiny-vit", workers=0, progress=False)
     assert sorted(s.done) == ["a", "b"] and not _partials(root)
 

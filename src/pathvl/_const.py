@@ -115,3 +115,22 @@ ATTR_SLIDE_MPP_METADATA = "slide_mpp_metadata"  # the slide's own mpp when ATTR_
 ATTR_BACKEND = "backend"
 ATTR_THUMBNAIL_DOWNSAMPLE = "thumbnail_downsample"
 MPP_SOURCE_IMPORT = "import"  # ATTR_MPP derived from the peer file's level-0 footprint
+# completeness marker: root attribute of a slide file, and attribute of features/<e> and captions/<c>
+ATTR_COMPLETE = "complete"
+FEAT_PARTIAL_SUFFIX = ".partial"  # features/.<name>.partial, left by earlier in-place writers (dropped on rewrite)
+# attributes of captions/<name> and keywords/<name> (pathvl.data.caption)
+CAP_CAPTIONER = "captioner"
+CAP_SEPARATOR = "separator"
+CAP_EXTRACTOR = "extractor"
+CAP_NAME = "name"
+CAP_MODEL_PATH = "model_path"
+CAP_MODEL_SHA256 = "model_sha256"
+CAP_N_EMPTY = "n_empty"
+CAP_N_TRUNCATED = "n_truncated"
+CAP_MAX_CHARS = "max_chars"
+CAP_COUNTS = "counts"
+CAP_CREATED = "created"
+CAP_SECONDS = "seconds"
+# concurrency: lock files of a dataset folder (pathvl.data.dataset), empty files kept between runs
+LOCKS_DIR = ".locks"  # <dataset>/.locks/<slide_id>.lock (file swaps), <slide_id>.<stage>.claim (work)
+MANIFEST_LOCK = "manifest.lock"  # <dataset>/.locks/manifest.lock

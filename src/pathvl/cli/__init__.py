@@ -6,6 +6,7 @@ Every subcommand accepts an argv list (``main(["tile", ...])``) so tests call it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -15,10 +16,54 @@ from pathvl import __version__
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix: printed as one line, no traceback; anything else is a bug."""
+    """Errors that are the user's (or the machine's) to fix: printed as one line, no traceback.
+
+    :class:`~pathvl.errors.UserError`; every ``OSError`` (a missing or unreadable file, a full disk,
+    HDF5's errors, which h5py raises as ``OSError``); a refused pickle (``UnpicklingError``); a truncated
+    or corrupt safetensors file; bad arguments. Anything else is a bug and shows its traceback.
+    """
+    from pickle import UnpicklingError
+
     from pathvl.errors import UserError
 
-    return (UserError, FileNotFoundError, argparse.ArgumentTypeError)
+    errors: list[type[BaseException]] = [UserError, OSError, UnpicklingError, argparse.ArgumentTypeError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        pass
+    return tuple(errors)
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of a user error, made one line: the file named where the error carries it."""
+    import errno
+    from pickle import UnpicklingError
+
+    from pathvl.errors import UserError
+
+    if isinstance(e, UnpicklingError) and not isinstance(e, UserError):
+        from pathvl.encoders.weights import CONVERT_HINT, refusal_detail
+
+        return (f"refused to unpickle a file that is not plain tensors ({refusal_detail(e)}); the safe loader never "
+                f"runs code from a file. To use it, {CONVERT_HINT}")
+    if isinstance(e, OSError) and not isinstance(e, UserError):
+        if e.strerror and e.filename is not None:
+            msg = f"{e.filename}: {e.strerror}" + (f" ({e.filename2})" if e.filename2 else "")
+        else:
+            msg = " ".join(str(e).split()) or type(e).__name__
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            msg += "; the disk is full or over the file-size limit: free some space and rerun"
+        return msg
+    if type(e).__name__ == "SafetensorError":
+        return f"not a readable safetensors file (truncated or corrupt?): {' '.join(str(e).split())}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _stage_exit(failed: dict) -> int:
+    """Exit code of a stage command: 1 when some slides failed (listed above), else 0."""
+    return 1 if failed else 0
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -48,12 +93,42 @@ def _parents(text: str) -> int | None:
 
 
 def _positive_float(text: str) -> float:
+    import math
+
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return v
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return v
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+_int_ge1 = _int_at_least(1)
+_int_ge0 = _int_at_least(0)
+
+
+def _jpeg_quality(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer within 1..100, got {text!r}") from None
+    if not 1 <= v <= 100:
+        raise argparse.ArgumentTypeError(f"--jpeg-quality must be within 1..100, got {text}")
     return v
 
 
@@ -73,7 +148,7 @@ def _add_tile(sub) -> None:
     p.add_argument("--out", required=True, help="dataset folder (created; reruns skip finished slides)")
     p.add_argument("--mags", nargs="+", type=_positive_float, default=[5.0, 10.0, 20.0, 40.0],
                    help="physical magnifications, ascending, each a power-of-two multiple of the first")
-    p.add_argument("--patch-px", type=int, default=512, help="patch side in pixels at its own magnification")
+    p.add_argument("--patch-px", type=_int_ge1, default=512, help="patch side in pixels at its own magnification")
     p.add_argument("--parents", type=_parents, default=20,
                    help="root patches per slide sampled from tissue, or 'all'")
     p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a root patch")
@@ -83,8 +158,8 @@ def _add_tile(sub) -> None:
     p.add_argument("--mpp", type=_positive_float, default=None,
                    help="level-0 microns per pixel, overriding the slide metadata (e.g. 0.25 for 40x)")
     p.add_argument("--store-pixels", action="store_true", help="store every patch as JPEG in the dataset")
-    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of stored pixels")
-    p.add_argument("--workers", type=int, default=1, help="slides tiled in parallel")
+    p.add_argument("--jpeg-quality", type=_jpeg_quality, default=90, help="JPEG quality of stored pixels")
+    p.add_argument("--workers", type=_int_ge1, default=1, help="slides tiled in parallel")
     p.add_argument("--shard", type=_shard, default=None,
                    help="I/N: tile only every N-th slide starting at I (default: RANK/WORLD_SIZE or 0/1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -95,18 +170,16 @@ def _run_tile(a: argparse.Namespace) -> int:
     from pathvl.data.tiler import TileOptions, shard_from_env, tile_slides
     from pathvl.slide.tiling import TileSpec
 
-    if not (1 <= a.jpeg_quality <= 100):
-        raise argparse.ArgumentTypeError(f"--jpeg-quality must be within 1..100, got {a.jpeg_quality}")
     spec = TileSpec(mags=tuple(a.mags), patch_px=a.patch_px, parents=a.parents, min_tissue=a.min_tissue,
                     above_scan=a.above_scan, seed=a.seed)
     opts = TileOptions(mpp=a.mpp, store_pixels=a.store_pixels, jpeg_quality=a.jpeg_quality,
                        workers=max(1, a.workers), shard=a.shard or shard_from_env(), progress=not a.no_progress)
     summary = tile_slides(a.slides, a.out, spec, opts)
     print(summary.text())
-    if not summary.done and not summary.skipped:
+    if not summary.done and not summary.skipped and not summary.busy:
         print("pathvl tile: nothing could be tiled", file=sys.stderr)
         return 1
-    return 0
+    return _stage_exit(summary.failed)
 
 
 # ----------------------------------------------------------------------------------------------- embed
@@ -125,10 +198,12 @@ def _add_embed(sub) -> None:
     p.add_argument("--encoder", help="encoder name (see `pathvl embed --list`)")
     p.add_argument("--list", action="store_true", help="list the registered encoders and exit")
     p.add_argument("--weights", default=None, help="local weights file for encoders that need one (uni, timm:*)")
-    p.add_argument("--batch-size", type=int, default=256, help="patches per forward pass")
+    p.add_argument("--encoder-args", default=None,
+                   help="constructor arguments of the encoder (timm:*): JSON, or a .json/.yaml file")
+    p.add_argument("--batch-size", type=_int_ge1, default=256, help="patches per forward pass")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="precision (auto: the encoder's preference on a GPU, fp32 on CPU)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding and reading pixels")
+    p.add_argument("--workers", type=_int_ge0, default=2, help="DataLoader workers decoding and reading pixels")
     p.add_argument("--shard", type=_shard, default=None, help="I/N (default: RANK/WORLD_SIZE or 0/1)")
     p.add_argument("--overwrite", action="store_true", help="recompute slides whose features exist")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -146,11 +221,11 @@ def _run_embed(a: argparse.Namespace) -> int:
         return 0
     if not a.dataset or not a.encoder:
         raise argparse.ArgumentTypeError("give a DATASET and --encoder NAME (or --list)")
-    s = embed_dataset(a.dataset, a.encoder, a.weights, batch_size=a.batch_size, dtype=a.dtype,
-                      workers=max(0, a.workers), shard=a.shard or shard_from_env(), overwrite=a.overwrite,
+    s = embed_dataset(a.dataset, a.encoder, a.weights, encoder_args=a.encoder_args, batch_size=a.batch_size,
+                      dtype=a.dtype, workers=a.workers, shard=a.shard or shard_from_env(), overwrite=a.overwrite,
                       progress=not a.no_progress)
     print(s.text())
-    return 0
+    return _stage_exit(s.failed)
 
 
 # ----------------------------------------------------------------------------------------------- caption
@@ -169,7 +244,7 @@ def _add_caption(sub) -> None:
     p.add_argument("--captioner", required=True, choices=["template", "import", "llava"], help="captioner")
     p.add_argument("--name", default=None, help="name of the captions (default: the captioner's)")
     p.add_argument("--overwrite", action="store_true", help="recompute slides that have these captions")
-    p.add_argument("--max-chars", type=int, default=2000, help="longer captions are truncated (and counted)")
+    p.add_argument("--max-chars", type=_int_ge1, default=2000, help="longer captions are truncated (and counted)")
     p.add_argument("--shard", type=_shard, default=None, help="I/N (default: RANK/WORLD_SIZE or 0/1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("template")
@@ -183,8 +258,8 @@ def _add_caption(sub) -> None:
     g.add_argument("--model", default=None, help="local folder of a LLaVA-family model in Hugging Face format")
     g.add_argument("--question", default=None, help="question asked about each patch ({mag} is replaced)")
     g.add_argument("--prompt", default=None, help="full prompt template overriding the chat template")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="longest caption in tokens")
-    g.add_argument("--batch-size", type=int, default=None, help="patches per generation batch")
+    g.add_argument("--max-new-tokens", type=_int_ge1, default=None, help="longest caption in tokens")
+    g.add_argument("--batch-size", type=_int_ge1, default=None, help="patches per generation batch")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: GPU when present)")
     g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="model precision")
     p.set_defaults(func=_run_caption)
@@ -200,7 +275,7 @@ def _run_caption(a: argparse.Namespace) -> int:
                         name=a.name, max_chars=a.max_chars, overwrite=a.overwrite, shard=a.shard,
                         progress=not a.no_progress)
     print(s.text())
-    return 1 if s.failed and not s.done and not s.skipped else 0
+    return _stage_exit(s.failed)
 
 
 # ----------------------------------------------------------------------------------------------- pretrain
@@ -239,13 +314,19 @@ ZEROSHOT_EXAMPLE = """example:
   pathvl zeroshot --checkpoint runs/mrplip --data tiles/ --prompts my_prompts.json --out reports/zs
   pathvl zeroshot --checkpoint runs/mrplip --dataset data/grid --slide-labels labels.csv --prompts crc
   pathvl zeroshot --list                                   # benchmarks and built-in prompt sets
+  pathvl zeroshot --checkpoint ~/models/QuiltNet-B-32 --data tiles/ --prompts crc    # a published VLM baseline
+  pathvl zeroshot --checkpoint runs/mrplip --dataset data/grid --slide-labels labels.csv \
+                  --prompts brca_prompts.json --prompt-set all     # MI-Zero's 50 sets: each, and mean +- sd
 slide level (--dataset + --slide-labels): MR-PLIP uses MI-Zero top-j pooling of patch scores (every j is
 reported); PathFLIP and PathAlign score their slide embeddings.
+--checkpoint also takes a published VLM: an OpenCLIP folder (open_clip_config.json + open_clip_pytorch_model.bin,
+e.g. QuiltNet), openclip:<model>:<weights file>, or a Hugging Face CLIP folder (PLIP); local files only.
 """
 
 
 def _add_eval_common(p) -> None:
-    p.add_argument("--checkpoint", help="run folder (or checkpoint folder) from `pathvl pretrain`")
+    p.add_argument("--checkpoint", help="run folder (or checkpoint folder) from `pathvl pretrain`, or a published VLM: "
+                                        "an OpenCLIP folder, openclip:<model>:<weights>, a Hugging Face CLIP folder")
     p.add_argument("--encoder-weights", default=None, help="weights of the frozen vision encoder, if it needs any")
     p.add_argument("--batch-size", type=int, default=64, help="tiles per batch")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
@@ -260,7 +341,11 @@ def _add_zeroshot(sub) -> None:
     p.add_argument("--data", help="tiles: a benchmark's local copy, a folder with labels.csv, or class folders")
     p.add_argument("--benchmark", default=None, help="benchmark registry name (sets layout and prompts)")
     p.add_argument("--split", default=None, help="benchmark split")
-    p.add_argument("--prompts", default=None, help="built-in prompt set or JSON file (ours or CONCH-style)")
+    p.add_argument("--prompts", default=None,
+                   help="built-in prompt set or JSON file (ours, CONCH's, MI-Zero's or quilt1m's class names)")
+    p.add_argument("--prompt-set", default=None, metavar="I|all",
+                   help="a file of numbered prompt sets (MI-Zero's 50, CONCH's): use set I, or every set and report "
+                        "each with the mean +- sd over sets (default: set 0)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
     p.add_argument("--dataset", default=None, help="slide level: an embedded dataset folder")
     p.add_argument("--slide-labels", default=None, help="slide level: CSV of slide_id,label")
@@ -292,41 +377,102 @@ def _run_zeroshot(a: argparse.Namespace) -> int:
 
         if not a.prompts:
             raise argparse.ArgumentTypeError("slide-level zero-shot needs --prompts")
-        rep = zeroshot_slides(a.checkpoint, a.dataset, a.slide_labels, a.prompts, n_bootstrap=a.bootstrap)
+        if a.prompt_set is not None:
+            from pathvl.eval.apply import zeroshot_slides_prompt_sets
+
+            rep = zeroshot_slides_prompt_sets(a.checkpoint, a.dataset, a.slide_labels, a.prompts,
+                                              prompt_set=a.prompt_set, n_bootstrap=a.bootstrap)
+        else:
+            rep = zeroshot_slides(a.checkpoint, a.dataset, a.slide_labels, a.prompts, n_bootstrap=a.bootstrap)
         _write(rep, a.out, "zeroshot_slides", f"Slide zero-shot: {a.dataset}")
         return 0
     if not a.checkpoint or not a.data:
         raise argparse.ArgumentTypeError("give --checkpoint RUN and --data TILES, or --dataset DATA --slide-labels "
                                          "CSV (or --list)")
-    from pathvl.eval.apply import zeroshot_tiles
+    from pathvl.eval.apply import zeroshot_tiles, zeroshot_tiles_prompt_sets
 
-    rep = zeroshot_tiles(a.checkpoint, a.data, prompts=a.prompts, benchmark=a.benchmark, split=a.split,
-                         encoder_weights=a.encoder_weights, batch_size=a.batch_size, workers=a.workers,
-                         n_bootstrap=a.bootstrap, skip_bad=a.skip_bad)
+    common = {"prompts": a.prompts, "benchmark": a.benchmark, "split": a.split, "encoder_weights": a.encoder_weights,
+              "batch_size": a.batch_size, "workers": a.workers, "n_bootstrap": a.bootstrap, "skip_bad": a.skip_bad}
+    if a.prompt_set is not None:
+        rep = zeroshot_tiles_prompt_sets(a.checkpoint, a.data, prompt_set=a.prompt_set, **common)
+    else:
+        rep = zeroshot_tiles(a.checkpoint, a.data, **common)
     _write(rep, a.out, "zeroshot", f"Zero-shot: {a.benchmark or a.data}")
     return 0
 
 
+PROBE_EXAMPLE = """example:
+  pathvl probe --checkpoint runs/mrplip --train tiles/tr --test tiles/te
+  pathvl probe --features uni --weights ~/models/uni/pytorch_model.bin --train tiles/tr --test tiles/te  # UNI baseline
+  pathvl probe --features uni --weights uni.bin --train tiles/tr --test tiles/te --shots 1 2 4 8 16 --seeds 5
+  pathvl probe --checkpoint ~/models/QuiltNet-B-32 --train tiles/tr --test tiles/te --simpleshot --shots 1 4 16
+--features: a plain frozen encoder (`pathvl embed --list`), no checkpoint; its raw features are probed.
+--shots: k tiles per class drawn --seeds times from the training set, each draw scored on the test set (mean +- sd).
+--simpleshot: nearest class centroid after centring on the training mean and L2 normalisation (Wang et al. 2019).
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
 def _add_probe(sub) -> None:
-    p = sub.add_parser("probe", help="linear probe on a checkpoint's frozen image embeddings",
-                       description="Logistic regression on frozen embeddings, C chosen on a validation split.",
-                       epilog="example:\n  pathvl probe --checkpoint runs/mrplip --train tiles/tr --test tiles/te\n",
-                       formatter_class=_Formatter)
+    p = sub.add_parser("probe", help="linear probe, k-shot or SimpleShot on frozen embeddings or plain features",
+                       description="Logistic regression on frozen embeddings (a checkpoint's, a published VLM's or a "
+                                   "plain encoder's features), C chosen on a validation split; k-shot, SimpleShot.",
+                       epilog=PROBE_EXAMPLE, formatter_class=_Formatter)
     p.add_argument("--train", required=True, help="training tiles (labels.csv folder or class folders)")
     p.add_argument("--test", required=True, help="test tiles")
     p.add_argument("--benchmark", default=None, help="benchmark registry name")
+    p.add_argument("--features", default=None, metavar="ENCODER",
+                   help="probe a plain frozen encoder instead of a checkpoint (uni, timm:<arch>, openclip:<dir>, ...)")
+    p.add_argument("--weights", default=None, help="local weights file of the --features encoder")
+    p.add_argument("--shots", type=_positive_int, nargs="+", default=None, metavar="K",
+                   help="few-shot: K training tiles per class, e.g. --shots 1 2 4 8 16")
+    p.add_argument("--seeds", type=_positive_int, default=5, help="draws per K (seeds SEED .. SEED+N-1)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (draws, validation split)")
+    p.add_argument("--simpleshot", action="store_true",
+                   help="SimpleShot nearest centroid instead of logistic regression")
+    p.add_argument("--C", dest="C", type=_positive_float, default=1.0,
+                   help="inverse regularisation of the few-shot logistic regression (the full probe sweeps C)")
     _add_eval_common(p)
     p.set_defaults(func=_run_probe)
 
 
 def _run_probe(a: argparse.Namespace) -> int:
-    from pathvl.eval.apply import linear_probe_tiles
+    few = {"shots": a.shots, "simpleshot": a.simpleshot, "n_seeds": a.seeds, "seed": a.seed, "C": a.C,
+           "batch_size": a.batch_size, "workers": a.workers, "n_bootstrap": a.bootstrap, "benchmark": a.benchmark}
+    title = ("SimpleShot" if a.simpleshot else "Linear probe") + (" k-shot" if a.shots else "")
+    if a.features:
+        from pathvl.eval.baselines import probe_features
 
+        if a.checkpoint:
+            raise argparse.ArgumentTypeError("give --checkpoint RUN or --features ENCODER, not both")
+        rep = probe_features(a.features, a.train, a.test, weights=a.weights or a.encoder_weights, **few)
+        _write(rep, a.out, "probe", f"{title}: {a.features}")
+        return 0
     if not a.checkpoint:
-        raise argparse.ArgumentTypeError("give --checkpoint RUN")
-    rep = linear_probe_tiles(a.checkpoint, a.train, a.test, benchmark=a.benchmark, encoder_weights=a.encoder_weights,
-                             batch_size=a.batch_size, workers=a.workers, n_bootstrap=a.bootstrap)
-    _write(rep, a.out, "probe", "Linear probe")
+        raise argparse.ArgumentTypeError("give --checkpoint RUN (or a published VLM) or --features ENCODER")
+    if a.weights:
+        raise argparse.ArgumentTypeError("--weights goes with --features; a checkpoint's encoder takes "
+                                         "--encoder-weights")
+    if a.shots or a.simpleshot:
+        from pathvl.eval.baselines import probe_tiles
+
+        rep = probe_tiles(a.checkpoint, a.train, a.test, encoder_weights=a.encoder_weights, **few)
+    else:
+        from pathvl.eval.apply import linear_probe_tiles
+
+        rep = linear_probe_tiles(a.checkpoint, a.train, a.test, benchmark=a.benchmark,
+                                 encoder_weights=a.encoder_weights, batch_size=a.batch_size, workers=a.workers,
+                                 n_bootstrap=a.bootstrap)
+    _write(rep, a.out, "probe", title)
     return 0
 
 
@@ -335,7 +481,9 @@ def _add_retrieve(sub) -> None:
                        description="Retrieval between a dataset's patches and their captions (MR-PLIP), or "
                                    "between slides and their captions or reports (PathFLIP, PathAlign: --texts).",
                        epilog="example:\n  pathvl retrieve --checkpoint runs/mrplip --dataset data/heldout\n"
-                              "  pathvl retrieve --checkpoint runs/pathflip --dataset data/grid --texts captions.csv\n",
+                              "  pathvl retrieve --checkpoint runs/pathflip --dataset data/grid --texts captions.csv\n"
+                              "  pathvl embed data/heldout --encoder openclip:~/models/QuiltNet-B-32  # VLM baseline\n"
+                              "  pathvl retrieve --checkpoint ~/models/QuiltNet-B-32 --dataset data/heldout\n",
                        formatter_class=_Formatter)
     p.add_argument("--dataset", required=True, help="dataset folder with features and captions")
     p.add_argument("--captions", default=None, help="captions name (default: the one the model trained on)")
@@ -454,7 +602,7 @@ _COMMANDS: list[Callable] = [
 # Commands that live in their own module of this package: each has ``register(sub)`` adding its parser(s).
 _COMMAND_MODULES: tuple[str, ...] = (
     "pathvl.cli.interop", "pathvl.cli.mil", "pathvl.cli.learn", "pathvl.cli.ask", "pathvl.cli.check", "pathvl.cli.view",
-    "pathvl.cli.configs",
+    "pathvl.cli.configs", "pathvl.cli.synth",
 )
 
 
@@ -492,12 +640,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return rc
+    except BrokenPipeError:
+        # `pathvl caption ... | head -1`: the reader left; point stdout at /dev/null so that the
+        # interpreter's own flush at exit does not fail again
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        print(f"pathvl {args.command}: output closed early (broken pipe, e.g. `| head`); the rest of the "
+              "report was not printed", file=sys.stderr)
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
     except _user_errors() as e:
         if os.environ.get("PATHVL_DEBUG"):
             raise
-        msg = str(e)
-        print(f"pathvl {args.command}: error: {msg}  (PATHVL_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"pathvl {args.command}: error: {_one_line(e)}  (PATHVL_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pathvl {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -17,10 +17,18 @@ than ``max_chars`` (:data:`MAX_CAPTION_CHARS` by default) is cut at the last spa
 (counted as truncated); an empty caption is kept as ``""`` (counted as empty, so it is easy to find:
 ``captions == ""``).
 
-Resume: captions are computed in memory, then written under ``<name>.tmp`` and moved to their final
-names (keywords first, captions last), so a slide whose ``captions/<name>`` exists, has N rows and is
-marked complete is done and skipped on a rerun; a leftover ``.tmp`` dataset from an interrupted run is
-deleted when the slide is redone.
+Resume and safety: captions are computed in memory, then written with their keywords into a new copy of
+the slide file that replaces the old one once complete and verified
+(:class:`pathvl.data.dataset.SlideUpdate`), so a slide whose ``captions/<name>`` exists, has N rows and
+is marked complete is done and skipped on a rerun, and the old file is readable until then. The bytes are
+estimated before each slide and a slide that would not fit stops the run with one line, as does a full
+disk at any point, the dataset unchanged. A slide whose file cannot be read (or whose pixels cannot be
+found) fails alone, named and recorded in the manifest, and the others go on; a slide claimed by another
+``pathvl caption`` with the same name is skipped.
+
+Imports never end silently empty: a caption file that names no slide of the dataset is an error; slides
+it has no row for are left uncaptioned and listed, as are its rows that match nothing (slide ids the
+dataset lacks, line numbers of rows naming no patch); a slide whose rows match none of its patches fails.
 
 Pixels (for captioners that need them): the stored JPEGs (``pixels/jpeg``) when the dataset has them,
 otherwise read from the slide with the bag reader (:class:`pathvl.slide.bags.BagReader`).
@@ -44,15 +52,38 @@ from tqdm.auto import tqdm
 
 from pathvl import __version__
 from pathvl import _const as K
-from pathvl.data.captioners import Captioner, build_captioner
-from pathvl.data.dataset import Dataset, DatasetError
+from pathvl.data.captioners import Captioner, ImportCaptioner, build_captioner
+from pathvl.data.dataset import (
+    Dataset,
+    DatasetError,
+    DiskFullError,
+    SlideFileError,
+    SlideUpdate,
+    check_space,
+    claim_slide,
+    describe_error,
+    disk_full_error,
+    is_disk_full,
+    reading,
+    record_stage,
+    table_digest,
+)
+from pathvl.errors import UserError
 
 #: Longest caption kept, in characters; longer ones are cut at a word boundary and counted. Quilt-LLaVA
 #: answers run to a few hundred words; 2,000 characters keeps them whole and stops runaway generations.
 MAX_CAPTION_CHARS = 2000
 
+#: Bytes per stored caption and keyword string beyond its text (vlen heap entry and index).
+STRING_OVERHEAD = 32
+
 _STR = h5py.string_dtype("utf-8")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+class CaptionError(UserError, ValueError):
+    """A captioning run that cannot start: unknown captioner, bad options, a caption file that matches no
+    slide; the message says what to change."""
 
 
 @dataclass
@@ -66,6 +97,9 @@ class CaptionSummary:
         done: Slides captioned in this run.
         skipped: Slides whose captions were already complete.
         failed: Slide id -> reason, for slides that could not be captioned.
+        busy: Slides another process was captioning under the same name (skipped).
+        unmatched: Slides an imported file has no row for (not captioned).
+        notes: Lines naming what else matched nothing (rows of an imported file).
         patches: Patches captioned.
         empty: Empty captions stored (as "").
         truncated: Captions cut to ``max_chars``.
@@ -79,6 +113,9 @@ class CaptionSummary:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    busy: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     patches: int = 0
     empty: int = 0
     truncated: int = 0
@@ -97,6 +134,14 @@ class CaptionSummary:
         if self.counts.get("generic"):
             lines.append(f"  {self.counts['generic']} patch(es) had neither ground truth nor a slide label and "
                          "got a generic caption")
+        if self.unmatched:
+            few = ", ".join(sorted(self.unmatched)[:5]) + (" ..." if len(self.unmatched) > 5 else "")
+            lines.append(f"  {len(self.unmatched)} slide(s) have no row in the imported file and were not captioned: "
+                         f"{few}")
+        lines += [f"  unmatched: {note}" for note in self.notes]
+        if self.busy:
+            lines.append(f"  {len(self.busy)} slide(s) skipped: another process is captioning them "
+                         f"({', '.join(sorted(self.busy)[:5])}); rerun to check them")
         lines += [f"  failed {sid}: {why}" for sid, why in sorted(self.failed.items())]
         lines.append(f"captions/{self.name} and keywords/{self.name} in {self.root}/*.h5")
         return "\n".join(lines)
@@ -132,8 +177,8 @@ def clean_caption(text: Any, max_chars: int = MAX_CAPTION_CHARS) -> tuple[str, s
 
 def read_captions(root: str | Path, slide_id: str, name: str) -> list[str]:
     """The stored captions of one slide (``captions/<name>``), as Python strings."""
-    with Dataset(root).open(slide_id) as f:
-        key = f"{K.CAPTIONS}/{name}"
+    with Dataset(root).open(slide_id) as f, reading(Dataset(root).path(slide_id)):
+        key = K.captions_key(name)
         if key not in f:
             raise DatasetError(f"{Dataset(root).path(slide_id)}: no {key}; run `pathvl caption {root} ...` first")
         return list(f[key].asstr()[:])
@@ -141,8 +186,8 @@ def read_captions(root: str | Path, slide_id: str, name: str) -> list[str]:
 
 def _is_done(f: h5py.File, name: str, n: int, identity: Mapping[str, str]) -> bool:
     """Whether ``captions/<name>`` is complete; a complete one from another captioner is an error."""
-    cap, kw = f"{K.CAPTIONS}/{name}", f"{K.KEYWORDS}/{name}"
-    done = (cap in f and kw in f and bool(f[cap].attrs.get("complete", False))
+    cap, kw = K.captions_key(name), K.keywords_key(name)
+    done = (cap in f and kw in f and bool(f[cap].attrs.get(K.ATTR_COMPLETE, False))
             and f[cap].shape == (n,) and f[kw].shape == (n,))
     if done:
         stored = {k: str(f[cap].attrs.get(k, "")) for k in identity}
@@ -259,24 +304,24 @@ def caption_slide(ds: Dataset, sid: str, cap: Captioner, *, bar: tqdm | None = N
 
 
 def _write(ds: Dataset, sid: str, name: str, captions: list[str], keywords: list[str],
-           attrs: dict[str, Any]) -> None:
-    tmp = name + K.TMP_SUFFIX
-    with ds.open(sid, "a") as f:
-        caps, kws = f.require_group(K.CAPTIONS), f.require_group(K.KEYWORDS)
-        for g in (caps, kws):
-            for key in (tmp, name):
-                if key in g:
-                    del g[key]
-        kd = kws.create_dataset(tmp, data=np.array(keywords, dtype=object), dtype=_STR)
-        kd.attrs.update({"captioner": name, "separator": K.KEYWORD_SEP,
-                         "extractor": "pathvl.text.keywords.extract_keywords"})
-        cd = caps.create_dataset(tmp, data=np.array(captions, dtype=object), dtype=_STR)
+           attrs: dict[str, Any], digest: str) -> None:
+    """Captions and keywords into a new copy of the slide file, swapped in when complete and verified
+    (replacing earlier ones of this name and the ``<name>.tmp`` leftovers of earlier in-place writers)."""
+    path = ds.path(sid)
+    text = sum(len(c.encode("utf-8")) + len(k.encode("utf-8")) + 2 * STRING_OVERHEAD
+               for c, k in zip(captions, keywords))
+    check_space(ds.root, path.stat().st_size + text, f"captions/{name} of {sid} in a new copy of {path}")
+    drop = [f"{g}/{key}" for g in (K.CAPTIONS, K.KEYWORDS) for key in (name, name + K.TMP_SUFFIX)]
+    with SlideUpdate(path, drop=drop, digest=digest) as up:
+        kd = up.h5.require_group(K.KEYWORDS).create_dataset(name, data=np.array(keywords, dtype=object), dtype=_STR)
+        kd.attrs.update({K.CAP_CAPTIONER: name, K.CAP_SEPARATOR: K.KEYWORD_SEP,
+                         K.CAP_EXTRACTOR: "pathvl.text.keywords.extract_keywords"})
+        cd = up.h5.require_group(K.CAPTIONS).create_dataset(name, data=np.array(captions, dtype=object), dtype=_STR)
         for k, v in attrs.items():
             if v is not None:
                 cd.attrs[k] = v
-        kws.move(tmp, name)
-        cd.attrs["complete"] = True
-        caps.move(tmp, name)
+        cd.attrs[K.ATTR_COMPLETE] = True
+        up.commit()
 
 
 def caption_dataset(
@@ -307,10 +352,13 @@ def caption_dataset(
         The summary (its :meth:`CaptionSummary.text` is the report to print).
 
     Raises:
-        DatasetError: No tiled slides, or the captioner needs pixels and a slide has none stored and its
-            slide file is missing (the message names the file).
-        ValueError: Unknown captioner, bad options, bad name.
+        DatasetError: No tiled slides; captions of this name from another captioner (pass ``overwrite``).
+        CaptionError: Unknown captioner, bad options, bad name, or an imported file that matches no slide.
         FileNotFoundError: A file the captioner needs is missing (e.g. ``--model`` folder).
+        DiskFullError: A slide's new file would not fit, or the disk filled; nothing was changed.
+
+    Slides that cannot be captioned (damaged file, pixels needed but missing, a captioner failure) are
+    listed in ``failed`` with the reason and recorded in the manifest; the others are captioned.
     """
     from pathvl.data.tiler import shard_from_env
     from pathvl.text.keywords import extract_keywords, join_keywords
@@ -320,32 +368,55 @@ def caption_dataset(
     ids = ds.slide_ids()
     if not ids:
         raise DatasetError(f"{root}: no tiled slides; run `pathvl tile SLIDES --out {root}` first")
-    cap = build_captioner(captioner, **dict(options or {})) if isinstance(captioner, str) else captioner
+    try:
+        cap = build_captioner(captioner, **dict(options or {})) if isinstance(captioner, str) else captioner
+    except ValueError as e:
+        if isinstance(e, UserError):
+            raise
+        raise CaptionError(str(e)) from e
     name = name or cap.name
     if not _NAME_RE.match(name) or name.endswith(K.TMP_SUFFIX):
-        raise ValueError(f"caption name {name!r}: use letters, digits and _ . + - (not ending in {K.TMP_SUFFIX})")
+        raise CaptionError(f"caption name {name!r}: use letters, digits and _ . + - (not ending in {K.TMP_SUFFIX})")
     if max_chars < 1:
-        raise ValueError(f"max_chars must be positive, got {max_chars}")
+        raise CaptionError(f"max_chars must be positive, got {max_chars}")
     i, n = shard if shard is not None else shard_from_env()
     if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"shard {i}/{n}: need n >= 1 and 0 <= i < n")
+        raise CaptionError(f"shard {i}/{n}: need n >= 1 and 0 <= i < n")
     summary = CaptionSummary(root=Path(root), name=name, captioner=cap.name)
+    stage = f"caption {name}"
+    imported = isinstance(cap, ImportCaptioner)
+    if imported:
+        try:
+            cap.check_slides(ids)  # a file naming none of the dataset's slides would store only ""
+        except ValueError as e:
+            raise CaptionError(str(e)) from e
+
+    def fail(sid: str, e: BaseException | str) -> None:
+        summary.failed[sid] = e if isinstance(e, str) else describe_error(e)
+        if not (isinstance(e, SlideFileError) and "invalid slide id" in str(e)):
+            record_stage(ds.root, sid, stage, summary.failed[sid])
 
     todo, total = [], 0
     for sid in ids[i::n]:
-        with ds.open(sid) as f:
-            rows = len(f[K.COORDS])
-            if not overwrite and _is_done(f, name, rows, cap.identity()):
-                summary.skipped.append(sid)
-                continue
-            if cap.needs_pixels and K.PIXELS_JPEG not in f:
-                slide_path = str(f.attrs.get(K.ATTR_SLIDE_PATH, ""))
-                if not slide_path or not Path(slide_path).exists():
-                    raise DatasetError(
-                        f"{ds.path(sid)}: captioner {cap.name!r} needs pixels, the dataset stores none (tiled "
-                        f"without --store-pixels) and the slide file {slide_path or '(unknown)'} is missing; "
-                        "restore the slide there or re-tile with --store-pixels"
-                    )
+        try:
+            with ds.open(sid) as f, reading(ds.path(sid)):
+                rows = len(f[K.COORDS])
+                if not overwrite and _is_done(f, name, rows, cap.identity()):
+                    summary.skipped.append(sid)
+                    continue
+                if imported and not cap.has_rows(sid):
+                    summary.unmatched.append(sid)
+                    continue
+                if cap.needs_pixels and K.PIXELS_JPEG not in f:
+                    slide_path = str(f.attrs.get(K.ATTR_SLIDE_PATH, ""))
+                    if not slide_path or not Path(slide_path).exists():
+                        fail(sid, f"{ds.path(sid)}: captioner {cap.name!r} needs pixels, the dataset stores none "
+                                  f"(tiled without --store-pixels) and the slide file {slide_path or '(unknown)'} "
+                                  "is missing; restore the slide there or re-tile with --store-pixels")
+                        continue
+        except SlideFileError as e:  # damaged, missing, or an id that cannot name a file
+            fail(sid, e)
+            continue
         todo.append(sid)
         total += rows
 
@@ -354,41 +425,71 @@ def caption_dataset(
         cap.prepare()
         info = cap.info()
     bar = tqdm(total=total, desc=f"caption {name}", unit="patch", disable=not progress)
-    for sid in todo:
-        t_slide = time.perf_counter()
-        before = Counter(cap.counts)
-        try:
-            raw = caption_slide(ds, sid, cap, bar=bar)
-        except (DatasetError, FileNotFoundError):
-            raise
-        except Exception as e:  # a broken slide or a captioner failure on one slide: report, go on
-            last = traceback.extract_tb(e.__traceback__)[-1]
-            summary.failed[sid] = f"{type(e).__name__}: {e} (at {Path(last.filename).name}:{last.lineno})"
-            continue
-        texts, flags = [], Counter()
-        for t in raw:
-            c, flag = clean_caption(t, max_chars)
-            texts.append(c)
-            flags[flag] += 1
-        kws = [join_keywords(extract_keywords(c)) if c else "" for c in texts]
-        slide_counts = {k: int(v - before.get(k, 0)) for k, v in cap.counts.items()}
-        attrs = dict(info)
-        attrs.update(
-            name=name, n_empty=flags["empty"], n_truncated=flags["truncated"], max_chars=int(max_chars),
-            counts=json.dumps(dict(slide_counts), sort_keys=True), pathvl_version=__version__,
-            created=time.strftime("%Y-%m-%dT%H:%M:%S"), seconds=round(time.perf_counter() - t_slide, 3),
-        )
-        if cap.kind == "template":
-            attrs.setdefault("model_path", "template")
-            attrs.setdefault("model_sha256", "template")
-        _write(ds, sid, name, texts, kws, attrs)
-        summary.done.append(sid)
-        summary.patches += len(texts)
-        summary.empty += flags["empty"]
-        summary.truncated += flags["truncated"]
-        counts.update(slide_counts)
-    bar.close()
+    try:
+        for sid in todo:
+            with claim_slide(ds.root, sid, f"captions-{name}") as got:
+                if not got:
+                    summary.busy.append(sid)
+                    continue
+                t_slide = time.perf_counter()
+                before = Counter(cap.counts)
+                try:
+                    with ds.open(sid) as f, reading(ds.path(sid)):
+                        rows = len(f[K.COORDS])
+                        if not overwrite and _is_done(f, name, rows, cap.identity()):
+                            summary.skipped.append(sid)  # done meanwhile by another process
+                            continue
+                        digest = table_digest(f)
+                    # at least the copy and empty strings must fit: refuse before any captioning work
+                    check_space(ds.root, ds.path(sid).stat().st_size + 2 * rows * STRING_OVERHEAD,
+                                f"captions/{name} of {sid} in a new copy of {ds.path(sid)}")
+                    raw = caption_slide(ds, sid, cap, bar=bar)
+                    slide_counts = {k: int(v - before.get(k, 0)) for k, v in cap.counts.items()}
+                    if imported and not slide_counts.get("matched"):
+                        raise DatasetError(f"the rows of {cap.path} for slide {sid!r} match none of its "
+                                           f"{len(raw)} patches (match={cap.match}); check their index or x, y, "
+                                           "magnification columns")
+                    texts, flags = [], Counter()
+                    for t in raw:
+                        c, flag = clean_caption(t, max_chars)
+                        texts.append(c)
+                        flags[flag] += 1
+                    kws = [join_keywords(extract_keywords(c)) if c else "" for c in texts]
+                    attrs = dict(info)
+                    attrs.update({
+                        K.CAP_NAME: name, K.CAP_N_EMPTY: flags["empty"], K.CAP_N_TRUNCATED: flags["truncated"],
+                        K.CAP_MAX_CHARS: int(max_chars), K.CAP_COUNTS: json.dumps(dict(slide_counts), sort_keys=True),
+                        K.ATTR_VERSION: __version__, K.CAP_CREATED: time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        K.CAP_SECONDS: round(time.perf_counter() - t_slide, 3),
+                    })
+                    if cap.kind == "template":
+                        attrs.setdefault(K.CAP_MODEL_PATH, "template")
+                        attrs.setdefault(K.CAP_MODEL_SHA256, "template")
+                    _write(ds, sid, name, texts, kws, attrs, digest)
+                except DiskFullError:
+                    raise
+                except Exception as e:  # a broken slide or a captioner failure on one slide: report, go on
+                    if is_disk_full(e):
+                        raise disk_full_error(ds.path(sid), e) from e
+                    if isinstance(e, UserError):
+                        fail(sid, e)
+                    else:
+                        tb = traceback.extract_tb(e.__traceback__)
+                        where = f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
+                        fail(sid, describe_error(e) + where)
+                    continue
+                summary.done.append(sid)
+                summary.patches += len(texts)
+                summary.empty += flags["empty"]
+                summary.truncated += flags["truncated"]
+                counts.update(slide_counts)
+                if stage in ds.manifest["slides"].get(sid, {}).get("errors", {}):
+                    record_stage(ds.root, sid, stage, None)
+    finally:
+        bar.close()
     counts.update(cap.finish(summary.done, ids))
+    if imported:
+        summary.notes = cap.unmatched(summary.done, ids)
     summary.counts = {k: int(v) for k, v in sorted(counts.items())}
     summary.seconds = time.perf_counter() - t0
     return summary

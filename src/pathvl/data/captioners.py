@@ -512,12 +512,56 @@ class ImportCaptioner(Captioner):
                 out.append(text)
         return out
 
+    def check_slides(self, slide_ids: Collection[str]) -> set[str]:
+        """The slides among ``slide_ids`` (the dataset's) that the file has rows for.
+
+        Raises:
+            ValueError: The file names none of them (nothing would be imported; every caption would be
+                empty); the message shows a few ids from each side.
+        """
+        known = set(slide_ids)
+        hit = self._slides & known
+        if not hit:
+            raise ValueError(
+                f"{self.path}: matches no slide of the dataset: its {len(self._slides)} slide id(s) "
+                f"({_few(self._slides)}) are none of the dataset's {len(known)} ({_few(known)}); check the "
+                "slide_id column (ids are file stems, e.g. 'TCGA-XX-1234' for TCGA-XX-1234.svs)"
+            )
+        return hit
+
+    def has_rows(self, slide_id: str) -> bool:
+        """Whether the file has any row for ``slide_id``."""
+        return slide_id in self._slides
+
+    def unmatched(self, processed: Collection[str], known: Collection[str]) -> list[str]:
+        """Lines naming what in the file matched nothing: slide ids the dataset lacks, and the line numbers
+        of rows that name no patch of a captioned slide."""
+        processed, known = set(processed), set(known)
+        out = []
+        unknown = Counter(k[0] for k in self.table if k[0] not in known)
+        if unknown:
+            out.append(f"{sum(unknown.values())} row(s) of {self.path} name slide(s) the dataset lacks: "
+                       f"{_few(unknown)}")
+        lines = sorted(self._line[k] for k in self.table if k[0] in processed and k not in self._used)
+        if lines:
+            more = f" (+{len(lines) - 8} more)" if len(lines) > 8 else ""
+            out.append(f"{len(lines)} row(s) of {self.path} match no patch of their slide ({self.match}): line(s) "
+                       f"{', '.join(map(str, lines[:8]))}{more}")
+        return out
+
     def finish(self, processed: Collection[str], known: Collection[str]) -> dict[str, int]:
         processed, known = set(processed), set(known)
         unknown_slide = sum(1 for k in self.table if k[0] not in known)
         no_patch = sum(1 for k in self.table if k[0] in processed and k not in self._used)
         return {"unmatched_rows": unknown_slide + no_patch, "rows_unknown_slide": unknown_slide,
                 "rows_no_such_patch": no_patch, "rows": self.n_rows}
+
+
+def _few(ids: Collection[str], k: int = 5) -> str:
+    """A few ids for a message: ``a, b, c (+12 more)``."""
+    ids = sorted(ids)
+    more = f" (+{len(ids) - k} more)" if len(ids) > k else ""
+    return ", ".join(repr(i) for i in ids[:k]) + more
 
 
 def _sha256(path: Path) -> str:

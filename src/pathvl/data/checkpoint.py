@@ -13,11 +13,16 @@ A run folder holds::
         trainer.json           step, family, config hash, pathvl/torch versions, the resolved config
 
 A checkpoint is written into ``ckpt-XXXXXX.tmp/`` and renamed when complete; ``latest`` is replaced
-atomically after the rename; only the newest ``keep_last`` checkpoints are kept.
+atomically after the rename; only the newest ``keep_last`` checkpoints are kept. Before writing, its size
+is estimated from the tensors and refused when it does not fit (:func:`check_checkpoint_space`); a write
+that fails anyway (a full disk) removes the partial ``.tmp`` folder and raises one line naming the file,
+earlier checkpoints and ``latest`` untouched. Loading refuses pickles that would run code and truncated
+safetensors with a :class:`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -32,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from pathvl.data.dataset import check_space, disk_full_error, is_disk_full
 from pathvl.errors import UserError
 
 __all__ = [
@@ -41,7 +47,9 @@ __all__ = [
     "MODEL_FILE",
     "STATE_FILE",
     "CheckpointError",
+    "check_checkpoint_space",
     "check_family",
+    "checkpoint_bytes_estimate",
     "find_checkpoint",
     "get_rng_state",
     "latest_checkpoint",
@@ -147,6 +155,71 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+def _tensor_bytes(obj: Any, seen: set[int]) -> int:
+    if isinstance(obj, Tensor):
+        if obj.device.type == "meta" or not obj.numel():
+            return 0
+        key = obj.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def checkpoint_bytes_estimate(model: nn.Module, trainer_state: Mapping[str, Any] | None = None, *,
+                              save_frozen: bool = True) -> int:
+    """Bytes a checkpoint of ``model`` and ``trainer_state`` will take (its tensors; metadata is small)."""
+    state = model.state_dict()
+    if not save_frozen:
+        frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        state = {n: t for n, t in state.items() if n not in frozen}
+    seen: set[int] = set()
+    return _tensor_bytes(state, seen) + _tensor_bytes(trainer_state or {}, seen) + 64 * 1024
+
+
+def check_checkpoint_space(run_dir: str | Path, step: int, need: int) -> None:
+    """Refuse a checkpoint of about ``need`` bytes that does not fit beside ``run_dir``'s others.
+
+    Raises:
+        DiskFullError: One line with both numbers (a :class:`~pathvl.errors.UserError`).
+    """
+    check_space(Path(run_dir), need, f"checkpoint {ckpt_name(step)} in {run_dir}")
+
+
+class _Recorder(io.RawIOBase):
+    """A file torch.save writes to that remembers the OSError it hit (torch reports only a position)."""
+
+    def __init__(self, fh) -> None:
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        try:
+            return self.fh.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+
+def _save_torch(obj: Any, path: Path) -> None:
+    with open(path, "wb", buffering=0) as fh:
+        rec = _Recorder(fh)
+        try:
+            torch.save(obj, rec)
+        except BaseException as e:
+            if rec.error is not None:
+                raise rec.error from e
+            raise
+
+
 def _write_model(model: nn.Module, path: Path, save_frozen: bool) -> None:
     state = model.state_dict()
     omitted: list[str] = []
@@ -190,12 +263,25 @@ def save_checkpoint(
     tmp = run_dir / (final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    _write_model(model, tmp / MODEL_FILE, save_frozen)
-    torch.save(dict(trainer_state), tmp / STATE_FILE)
-    (tmp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=2) + "\n", encoding="utf-8")
-    for name in (MODEL_FILE, STATE_FILE, META_FILE):
-        _fsync_file(tmp / name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    check_checkpoint_space(run_dir, step, checkpoint_bytes_estimate(model, trainer_state, save_frozen=save_frozen))
+    current = tmp
+    try:
+        tmp.mkdir(parents=True)
+        current = tmp / MODEL_FILE
+        _write_model(model, current, save_frozen)
+        current = tmp / STATE_FILE
+        _save_torch(dict(trainer_state), current)
+        current = tmp / META_FILE
+        current.write_text(json.dumps({**meta, "step": step}, indent=2) + "\n", encoding="utf-8")
+        for name in (MODEL_FILE, STATE_FILE, META_FILE):
+            current = tmp / name
+            _fsync_file(current)
+    except BaseException as e:  # this checkpoint's partial folder goes; earlier ones and `latest` stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise disk_full_error(current, e) from e
+        raise
     if final.exists():  # a checkpoint of the same step from an earlier attempt
         old = run_dir / (final.name + ".old")
         if old.exists():
@@ -206,9 +292,15 @@ def save_checkpoint(
     else:
         tmp.rename(final)
     pointer = run_dir / (LATEST + ".tmp")
-    pointer.write_text(final.name + "\n", encoding="utf-8")
-    _fsync_file(pointer)
-    pointer.replace(run_dir / LATEST)
+    try:
+        pointer.write_text(final.name + "\n", encoding="utf-8")
+        _fsync_file(pointer)
+        pointer.replace(run_dir / LATEST)
+    except BaseException as e:  # the new checkpoint is complete; `latest` still names the previous one
+        pointer.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full_error(run_dir / LATEST, e) from e
+        raise
     _prune(run_dir, keep_last, keep=final.name)
     return final
 
@@ -280,8 +372,23 @@ def check_family(meta: Mapping[str, Any], family: str) -> None:
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
     """``trainer.pt`` of a checkpoint, loaded on the CPU with ``weights_only=True``."""
+    from pickle import UnpicklingError
+
     ckpt = find_checkpoint(path)
-    return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    file = ckpt / STATE_FILE
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except UnpicklingError as e:  # weights_only refused it: nothing was executed
+        raise CheckpointError(f"{file}: refused to load: it is not a plain tensor state (a pickle that would "
+                              "construct objects or run code); pathvl never writes such a file, so it was "
+                              "replaced or tampered with: resume from another checkpoint") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot be read (truncated or corrupt?): {_first_line(e)}") from e
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_model_weights(
@@ -309,9 +416,17 @@ def load_model_weights(
     if family is not None:
         check_family(meta, family)
     file = ckpt / MODEL_FILE
-    state = load_file(str(file), device=str(device))
-    with safe_open(str(file), framework="pt") as fh:
-        extra = fh.metadata() or {}
+    from safetensors import SafetensorError
+
+    try:
+        state = load_file(str(file), device=str(device))
+        with safe_open(str(file), framework="pt") as fh:
+            extra = fh.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise CheckpointError(f"{file}: missing; the checkpoint {ckpt} is incomplete") from e
+        raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): "
+                              f"{_first_line(e)}") from e
     for alias, canonical in json.loads(extra.get(_ALIASES_KEY, "{}")).items():
         state[alias] = state[canonical]
     meta["omitted"] = json.loads(extra.get(_OMITTED_KEY, "[]"))

@@ -9,12 +9,20 @@ goes to the device, where it is resized and normalised (:meth:`VisionEncoder.pre
 in the encoder's preferred precision (weights cast to it, autocast, channels-last) on a GPU. Slides are
 sharded over ranks (``RANK``/``WORLD_SIZE`` or ``--shard``); a slide whose features are complete is
 skipped, so an interrupted job resumes where it stopped.
+
+Features are checked for finiteness before they are cached (a NaN or inf fails the slide, named). They
+are written into a new copy of the slide file that replaces the old one once complete and verified
+(:class:`pathvl.data.dataset.SlideUpdate`); the bytes are estimated first and a slide that would not fit
+stops the run with one line, as does a full disk at any point, the dataset unchanged. A slide whose file
+cannot be read fails alone (named, recorded in the manifest under ``errors``) and the others go on; a slide
+claimed by another ``pathvl embed`` of the same features is skipped.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import re
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,23 +35,49 @@ from torch.utils.data import Dataset as TorchDataset
 from tqdm.auto import tqdm
 
 from pathvl import _const as K
-from pathvl.data.dataset import Dataset, DatasetError
+from pathvl.data.dataset import (
+    Dataset,
+    DatasetError,
+    DiskFullError,
+    SlideFileError,
+    SlideUpdate,
+    check_space,
+    claim_slide,
+    describe_error,
+    die_with_parent,
+    disk_full_error,
+    is_disk_full,
+    reading,
+    record_stage,
+    table_digest,
+)
 
 #: Patches a worker hands over at once when reading stored JPEGs.
 JPEG_CHUNK = 64
 
 
 def feature_name(encoder: str) -> str:
-    """HDF5-safe name of an encoder's features (``timm:vit_base`` -> ``timm-vit_base``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", encoder).strip("-")
+    """HDF5-safe name of an encoder's features (``timm:vit_base`` -> ``timm-vit_base``), as in :mod:`pathvl._const`."""
+    return K.feature_name(encoder)
 
 
 @dataclass
 class EmbedSummary:
+    """What an embedding run did.
+
+    Attributes:
+        done: Slides embedded in this run.
+        skipped: Slides whose features were already complete.
+        failed: Slide id -> reason (damaged file, missing slide, non-finite features, ...).
+        busy: Slides another process was embedding with the same features name (skipped).
+    """
+
     root: Path
     name: str
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    busy: list[str] = field(default_factory=list)
     patches: int = 0
     seconds: float = 0.0
 
@@ -52,8 +86,14 @@ class EmbedSummary:
         return self.patches / self.seconds if self.seconds > 0 else 0.0
 
     def text(self) -> str:
-        return (f"embedded {len(self.done)} slide(s) ({self.patches} patches, {self.patches_per_s:.1f} patches/s), "
-                f"skipped {len(self.skipped)} already done; features/{self.name} in {self.root}")
+        lines = [f"embedded {len(self.done)} slide(s) ({self.patches} patches, {self.patches_per_s:.1f} patches/s), "
+                 f"skipped {len(self.skipped)} already done, {len(self.failed)} failed; features/{self.name} in "
+                 f"{self.root}"]
+        if self.busy:
+            lines.append(f"  {len(self.busy)} slide(s) skipped: another process is embedding them "
+                         f"({', '.join(sorted(self.busy)[:5])}); rerun to check them")
+        lines += [f"  failed {sid}: {why}" for sid, why in sorted(self.failed.items())]
+        return "\n".join(lines)
 
 
 class _SlideUnits(TorchDataset):
@@ -82,7 +122,7 @@ class _SlideUnits(TorchDataset):
             from pathvl.slide.tiling import TileSpec, plan_from_dataset
 
             f = self._h5
-            slide_path = f.attrs[K.ATTR_SLIDE_PATH]
+            slide_path = str(f.attrs[K.ATTR_SLIDE_PATH])
             if not Path(slide_path).exists():
                 raise DatasetError(f"{self.h5_path}: has no stored pixels and its slide {slide_path} is missing; "
                                    "restore the slide or re-tile with --store-pixels")
@@ -118,8 +158,6 @@ class _SlideUnits(TorchDataset):
 
 
 def _device() -> torch.device:
-    import os
-
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
@@ -127,6 +165,24 @@ def _device() -> torch.device:
 
 def _collate_one(batch):
     return batch[0]
+
+
+def _worker_init(parent_pid: int, worker_id: int) -> None:
+    die_with_parent(parent_pid)
+
+
+def feature_bytes_estimate(n: int, width: int) -> int:
+    """Bytes of ``features/<name>`` for ``n`` patches of ``width`` float16 values (chunk index included)."""
+    return n * width * 2 + 64 * (n // 1024 + 1)
+
+
+def _check_finite(path: Path, feats: np.ndarray, encoder: str) -> None:
+    bad = ~np.isfinite(feats)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise DatasetError(f"{path}: encoder {encoder!r} gave {int(bad.sum())} non-finite value(s) (NaN/inf, after "
+                           f"the float16 cast) in {len(rows)} patch(es), first row {int(rows[0])}; nothing cached "
+                           "for this slide (check the weights, or try --dtype fp32)")
 
 
 def embed_slide(ds: Dataset, slide_id: str, enc, name: str, *, batch_size: int, workers: int,
@@ -138,16 +194,24 @@ def embed_slide(ds: Dataset, slide_id: str, enc, name: str, *, batch_size: int, 
     until the slide is done, so the host never waits for the device between batches.
     """
     path = ds.path(slide_id)
-    with h5py.File(path, "r") as f:
+    with ds.open(slide_id) as f, reading(path):
         n = len(f[K.COORDS])
         parent = f[K.PARENT][:]
         use_pixels = K.PIXELS_JPEG in f
+        digest = table_digest(f)
+        slide_path = str(f.attrs.get(K.ATTR_SLIDE_PATH, ""))
+    if not use_pixels and not Path(slide_path).exists():
+        raise DatasetError(f"{path}: has no stored pixels and its slide {slide_path or '(unknown)'} is missing; "
+                           "restore the slide or re-tile with --store-pixels")
+    check_space(ds.root, path.stat().st_size + feature_bytes_estimate(n, enc.width),
+                f"features/{name} of {slide_id} ({n} patches x {enc.width}) in a new copy of {path}")
     roots = np.flatnonzero(parent < 0)
     bag_size = n // max(1, len(roots))
     units = _SlideUnits(path, use_pixels, n, roots, bag_size)
     cuda = device.type == "cuda"
     loader = DataLoader(units, batch_size=1, shuffle=False, num_workers=workers, collate_fn=_collate_one,
-                        pin_memory=cuda, persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+                        pin_memory=cuda, persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+                        worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers > 0 else None)
     feats = torch.empty((n, enc.width), dtype=torch.float16, device=device)
     autocast = cuda and dtype in (torch.bfloat16, torch.float16)
     batch: torch.Tensor | None = None  # (batch_size, P, P, 3) uint8 on the device, filled in place
@@ -166,54 +230,53 @@ def embed_slide(ds: Dataset, slide_id: str, enc, name: str, *, batch_size: int, 
         filled = 0
 
     expected = 0
-    for start, pix in loader:
-        if start != expected:  # units arrive in row order and tile the table (bags and chunks are contiguous)
-            raise DatasetError(f"{path}: patch rows out of order ({start}, expected {expected}); re-tile the slide")
-        expected += len(pix)
-        if batch is None:
-            batch = torch.empty((batch_size, *pix.shape[1:]), dtype=torch.uint8, device=device)
-        taken = 0
-        while taken < len(pix):
-            k = min(batch_size - filled, len(pix) - taken)
-            batch[filled:filled + k].copy_(pix[taken:taken + k], non_blocking=cuda)
-            filled += k
-            taken += k
-            if filled == batch_size:
-                run_batch()
-    if filled:
-        run_batch()
-    units.close()
+    try:
+        for start, pix in loader:
+            if start != expected:  # units arrive in row order and tile the table (bags and chunks are contiguous)
+                raise DatasetError(f"{path}: patch rows out of order ({start}, expected {expected}); re-tile the slide")
+            expected += len(pix)
+            if batch is None:
+                batch = torch.empty((batch_size, *pix.shape[1:]), dtype=torch.uint8, device=device)
+            taken = 0
+            while taken < len(pix):
+                k = min(batch_size - filled, len(pix) - taken)
+                batch[filled:filled + k].copy_(pix[taken:taken + k], non_blocking=cuda)
+                filled += k
+                taken += k
+                if filled == batch_size:
+                    run_batch()
+        if filled:
+            run_batch()
+    finally:
+        units.close()
     if done != n:
         raise DatasetError(f"{path}: read {done} patches of {n}; re-tile the slide")
     out = feats.cpu().numpy()
+    _check_finite(path, out, enc.name)
 
-    tmp = f"{K.FEATURES}/.{name}.partial"
-    final = f"{K.FEATURES}/{name}"
-    with h5py.File(path, "a") as f:
-        if tmp in f:
-            del f[tmp]
-        if final in f:
-            del f[final]
-        d = f.create_dataset(tmp, data=out, chunks=(min(n, 1024), enc.width))
+    final = K.features_key(name)
+    legacy = f"{K.FEATURES}/.{name}{K.FEAT_PARTIAL_SUFFIX}"  # left by an in-place writer of an earlier version
+    with SlideUpdate(path, drop=[final, legacy], digest=digest) as up:
+        d = up.h5.create_dataset(final, data=out, chunks=(max(1, min(n, 1024)), enc.width))
         prov = enc.provenance()
-        d.attrs["encoder"] = enc.name
-        d.attrs["weights_sha256"] = prov.get("weights_sha256") or "none"
-        d.attrs["weights_path"] = prov.get("weights_path") or "none"
-        d.attrs["transform"] = json.dumps(prov.get("transform", {}), sort_keys=True)
-        d.attrs["description"] = getattr(enc, "description", "")
-        d.attrs["source"] = "stored-jpeg" if use_pixels else "slide"
-        d.attrs["complete"] = True
-        f.move(tmp, final)
+        d.attrs[K.FEAT_ENCODER] = enc.name
+        d.attrs[K.FEAT_WEIGHTS_SHA256] = prov.get("weights_sha256") or "none"
+        d.attrs[K.FEAT_WEIGHTS_PATH] = prov.get("weights_path") or "none"
+        d.attrs[K.FEAT_TRANSFORM] = json.dumps(prov.get("transform", {}), sort_keys=True)
+        d.attrs[K.FEAT_DESCRIPTION] = getattr(enc, "description", "")
+        d.attrs[K.FEAT_SOURCE] = "stored-jpeg" if use_pixels else "slide"
+        d.attrs[K.FEAT_COMPLETE] = True
+        up.commit()
     return n
 
 
 def _is_done(ds: Dataset, slide_id: str, name: str, sha: str, transform: str) -> bool:
-    with ds.open(slide_id) as f:
-        key = f"{K.FEATURES}/{name}"
-        if key not in f or not f[key].attrs.get("complete", False):
+    with ds.open(slide_id) as f, reading(ds.path(slide_id)):
+        key = K.features_key(name)
+        if key not in f or not f[key].attrs.get(K.FEAT_COMPLETE, False):
             return False
         a = f[key].attrs
-        have_sha, have_tf = a.get("weights_sha256", "none"), a.get("transform", "")
+        have_sha, have_tf = a.get(K.FEAT_WEIGHTS_SHA256, "none"), a.get(K.FEAT_TRANSFORM, "")
         if have_sha != sha or have_tf != transform:
             what = f"weights sha256 {have_sha}, now {sha}" if have_sha != sha else f"transform {have_tf}"
             raise DatasetError(
@@ -228,6 +291,7 @@ def embed_dataset(
     encoder: str,
     weights: str | Path | None = None,
     *,
+    encoder_args: str | Path | dict | None = None,
     batch_size: int = 256,
     dtype: str = "auto",
     workers: int = 2,
@@ -242,6 +306,8 @@ def embed_dataset(
         root: Dataset folder written by ``pathvl tile``.
         encoder: Registry name (``uni``, ``timm:<arch>``, ``colour-texture``, ...).
         weights: Local weights file for encoders that need one.
+        encoder_args: Constructor arguments of the encoder (``timm:<arch>``): a mapping, a JSON string or a
+            .json/.yaml file (``pathvl embed --encoder-args``), passed to ``build_vision(..., args=...)``.
         batch_size: Patches per forward pass.
         dtype: ``bf16``, ``fp16``, ``fp32`` or ``auto`` (the encoder's preference on a GPU, fp32 on CPU).
         workers: DataLoader worker processes decoding and reading pixels.
@@ -249,16 +315,31 @@ def embed_dataset(
         overwrite: Recompute slides whose features exist.
         progress: Show a progress bar with patches/s.
         enc: An already built encoder (tests, benchmarks); overrides ``encoder``/``weights``.
+
+    Returns:
+        The summary; ``failed`` lists the slides that could not be embedded (the others were).
+
+    Raises:
+        DatasetError: No dataset or no tiled slides; features of the same name computed with other
+            weights or transform (pass ``overwrite``); a bad batch size, worker count or shard.
+        DiskFullError: A slide's new file would not fit, or the disk filled; nothing was changed.
     """
     from pathvl.encoders import build_vision
 
+    if batch_size < 1:
+        raise DatasetError(f"batch size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise DatasetError(f"workers must be 0 or more, got {workers}")
+    i, n = shard
+    if not (n >= 1 and 0 <= i < n):
+        raise DatasetError(f"shard {i}/{n}: need n >= 1 and 0 <= i < n")
     t0 = time.perf_counter()
     ds = Dataset(root)
     ids = ds.slide_ids()
     if not ids:
         raise DatasetError(f"{root}: no tiled slides; run `pathvl tile SLIDES --out {root}` first")
     if enc is None:
-        enc = build_vision(encoder, weights=weights)
+        enc = build_vision(encoder, weights=weights, args=encoder_args)
     name = feature_name(enc.name if encoder is None else encoder)
     device = _device()
     if dtype == "auto":
@@ -276,24 +357,51 @@ def embed_dataset(
     prov = enc.provenance()
     sha = prov.get("weights_sha256") or "none"
     transform = json.dumps(prov.get("transform", {}), sort_keys=True)
-    i, n = shard
     mine = ids[i::n]
     summary = EmbedSummary(root=Path(root), name=name)
-    todo = []
+    stage = f"embed {name}"
+
+    def fail(sid: str, e: BaseException) -> None:
+        summary.failed[sid] = describe_error(e)
+        if not isinstance(e, SlideFileError) or "invalid slide id" not in str(e):
+            record_stage(ds.root, sid, stage, summary.failed[sid])
+
+    todo, total = [], 0
     for sid in mine:
-        if not overwrite and _is_done(ds, sid, name, sha, transform):
-            summary.skipped.append(sid)
-        else:
-            todo.append(sid)
-    total = 0
-    for sid in todo:
-        with ds.open(sid) as f:
-            total += len(f[K.COORDS])
+        try:
+            if not overwrite and _is_done(ds, sid, name, sha, transform):
+                summary.skipped.append(sid)
+                continue
+            with ds.open(sid) as f, reading(ds.path(sid)):
+                total += len(f[K.COORDS])
+        except SlideFileError as e:  # damaged, missing, or an id that cannot name a file
+            fail(sid, e)
+            continue
+        todo.append(sid)
     bar = tqdm(total=total, desc=f"embed {name}", unit="patch", disable=not progress, smoothing=0.1)
-    for sid in todo:
-        summary.patches += embed_slide(ds, sid, enc, name, batch_size=batch_size, workers=workers, device=device,
-                                       dtype=torch_dtype, bar=bar)
-        summary.done.append(sid)
-    bar.close()
+    try:
+        for sid in todo:
+            with claim_slide(ds.root, sid, f"features-{name}") as got:
+                if not got:
+                    summary.busy.append(sid)
+                    continue
+                try:
+                    if not overwrite and _is_done(ds, sid, name, sha, transform):  # done meanwhile elsewhere
+                        summary.skipped.append(sid)
+                        continue
+                    summary.patches += embed_slide(ds, sid, enc, name, batch_size=batch_size, workers=workers,
+                                                   device=device, dtype=torch_dtype, bar=bar)
+                except DiskFullError:
+                    raise
+                except Exception as e:  # this slide only: report, record, go on
+                    if is_disk_full(e):
+                        raise disk_full_error(ds.path(sid), e) from e
+                    fail(sid, e)
+                    continue
+                summary.done.append(sid)
+                if stage in ds.manifest["slides"].get(sid, {}).get("errors", {}):
+                    record_stage(ds.root, sid, stage, None)
+    finally:
+        bar.close()
     summary.seconds = time.perf_counter() - t0
     return summary

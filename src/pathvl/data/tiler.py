@@ -4,6 +4,13 @@ Each slide is opened, its tissue detected on a thumbnail (overlay written beside
 chosen and its tree laid out (:mod:`pathvl.slide.tiling`), and the patch table (plus, optionally, every
 patch's pixels as JPEG) written to ``<slide_id>.h5``. A finished slide is skipped on a rerun; a failed
 one is recorded in the manifest with its reason and the others go on.
+
+On a rerun, a finished slide whose file is damaged (cannot be opened) is tiled again, and with
+``--store-pixels`` a finished slide tiled without pixels gets them added (a new copy of its file, swapped
+in: :class:`pathvl.data.dataset.SlideUpdate`). Each slide is claimed with a lock, so a second ``pathvl
+tile`` on the same ``--out`` skips the slides the first is working on; pool workers die with their parent.
+Before each slide the bytes it needs are estimated and refused when they do not fit; a full disk stops the
+run with one line naming the file, the dataset unchanged.
 """
 
 from __future__ import annotations
@@ -17,13 +24,33 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
+import h5py
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from pathvl import __version__
 from pathvl import _const as K
-from pathvl.data.dataset import SlideWriter, init_manifest, read_manifest, slide_file, update_manifest
+from pathvl.data.dataset import (
+    DiskFullError,
+    SlideFileError,
+    SlideUpdate,
+    SlideWriter,
+    check_slide_id,
+    check_space,
+    claim_slide,
+    describe_error,
+    die_with_parent,
+    disk_full_error,
+    init_manifest,
+    is_disk_full,
+    open_slide_h5,
+    read_manifest,
+    reading,
+    slide_file,
+    table_digest,
+    update_manifest,
+)
 from pathvl.slide.bags import BagReader
 from pathvl.slide.reader import SlideError, find_slides, open_slide, slide_id_for
 from pathvl.slide.tiling import IntegralMask, SpecError, TileSpec, plan_slide
@@ -32,6 +59,24 @@ from pathvl.slide.tiling import IntegralMask, SpecError, TileSpec, plan_slide
 #: tissue edges are clear), with a long side kept within THUMBNAIL_RANGE pixels.
 THUMBNAIL_MPP = 8.0
 THUMBNAIL_RANGE = (512, 2048)
+#: Bytes per patch of the patch table (coords 16, magnification 4, parent 8, tissue 4, bag 8) plus indexing.
+TABLE_BYTES_PER_PATCH = 48
+#: Name of the tiling stage's claims (``.locks/<slide_id>.tile.claim``).
+STAGE = "tile"
+
+
+def jpeg_bytes_estimate(patch_px: int, quality: int) -> int:
+    """Expected JPEG size of one ``patch_px`` patch of H&E tissue at ``quality`` (4:2:0).
+
+    Measured on the bundled CMU slide and synthetic slides at quality 90: 0.18-0.28 bytes per pixel on
+    average (0.63 at most); the estimate is 0.35 at 90 and falls steeply below (0.19 at 75, 0.08 at 50).
+    """
+    return int(patch_px * patch_px * (0.05 + 0.30 * (quality / 90.0) ** 4)) + 64
+
+
+def slide_bytes_estimate(n_patches: int, patch_px: int, store_pixels: bool, quality: int) -> int:
+    """Estimated size of a slide file of ``n_patches`` patches (with their JPEGs when ``store_pixels``)."""
+    return n_patches * (TABLE_BYTES_PER_PATCH + (jpeg_bytes_estimate(patch_px, quality) if store_pixels else 0))
 
 
 def thumbnail_px(size: tuple[int, int], mpp: float) -> int:
@@ -63,10 +108,24 @@ class TileOptions:
 
 @dataclass
 class TileSummary:
+    """What a tiling run did.
+
+    Attributes:
+        done: Slides tiled (or given their pixels) in this run.
+        skipped: Slides already done.
+        failed: Slide id -> reason.
+        busy: Slides another process was working on (skipped; a rerun checks them).
+        repaired: Slides whose damaged file was tiled again.
+        pixels_added: Done slides that got their stored pixels in this run (also in ``done``).
+    """
+
     out: Path
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    busy: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    pixels_added: list[str] = field(default_factory=list)
     bags: int = 0
     patches: int = 0
     seconds: float = 0.0
@@ -76,6 +135,13 @@ class TileSummary:
             f"tiled {len(self.done)} slide(s), skipped {len(self.skipped)} already done, "
             f"{len(self.failed)} failed; {self.bags} bags, {self.patches} patches in {self.seconds:.1f} s",
         ]
+        if self.pixels_added:
+            lines.append(f"  stored pixels added to {len(self.pixels_added)} slide(s) tiled before without them")
+        if self.repaired:
+            lines.append(f"  tiled again (their files were damaged): {', '.join(sorted(self.repaired))}")
+        if self.busy:
+            lines.append(f"  {len(self.busy)} slide(s) skipped: another process is tiling them "
+                         f"({', '.join(sorted(self.busy)[:5])}); rerun to check them")
         lines += [f"  failed {sid}: {why}" for sid, why in sorted(self.failed.items())]
         lines.append(f"dataset: {self.out}  (inspect with `pathvl info {self.out}`)")
         return "\n".join(lines)
@@ -130,12 +196,20 @@ def tile_slide(path: Path, out: Path, spec: TileSpec, opts: TileOptions, bag_bar
 
     t0 = time.perf_counter()
     with open_slide(path, mpp=opts.mpp) as slide:
+        sid = check_slide_id(slide.slide_id)
         mpp = slide.require_mpp()
         thumb, ds = slide.thumbnail(thumbnail_px(slide.dimensions, mpp))
         mask = detect_tissue(thumb, mpp=mpp * ds)
-        save_overlay(thumb, mask, out / f"{slide.slide_id}.tissue.png")
+        overlay = out / f"{sid}.tissue.png"
+        new_overlay = not overlay.exists()
+        try:
+            save_overlay(thumb, mask, overlay)
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(overlay, e) from e
+            raise
         if not mask.any():
-            raise SlideError(f"{path}: no tissue found on the thumbnail; see {out / (slide.slide_id + '.tissue.png')}")
+            raise SlideError(f"{path}: no tissue found on the thumbnail; see {overlay}")
         imask = IntegralMask(mask, ds)
         plan = plan_slide(spec, slide.slide_id, slide.dimensions, mpp, imask, where=str(path))
         table = plan.all_patches()
@@ -155,23 +229,30 @@ def tile_slide(path: Path, out: Path, spec: TileSpec, opts: TileOptions, bag_bar
             K.ATTR_UPSAMPLED: np.asarray(plan.upsampled, dtype=np.float32),
             K.ATTR_PATCH_PX: spec.patch_px,
             K.ATTR_VERSION: __version__,
-            "backend": slide.backend,
-            "thumbnail_downsample": ds,
+            K.ATTR_BACKEND: slide.backend,
+            K.ATTR_THUMBNAIL_DOWNSAMPLE: ds,
         }
         if opts.store_pixels:
             attrs[K.ATTR_JPEG_QUALITY] = opts.jpeg_quality
         n = len(table["coords"])
-        with SlideWriter(slide_file(out, slide.slide_id), attrs, n, opts.store_pixels) as w:
-            w.write_patches(table)
-            if opts.store_pixels:
-                reader = BagReader(slide, plan)
-                roots = plan.roots
-                it = tqdm(range(len(roots)), desc=slide.slide_id, unit="bag", leave=False,
-                          disable=not bag_bar)
-                for b in it:
-                    patches = reader.read(roots[b])
-                    w.write_jpegs(b * plan.bag_size, [encode_jpeg(p, opts.jpeg_quality) for p in patches])
-            w.commit()
+        target = slide_file(out, sid)
+        try:
+            need = slide_bytes_estimate(n, spec.patch_px, opts.store_pixels, opts.jpeg_quality)
+            check_space(out, need, f"tiling {sid} ({n} patches{' with their pixels' if opts.store_pixels else ''})")
+            with SlideWriter(target, attrs, n, opts.store_pixels) as w:
+                w.write_patches(table)
+                if opts.store_pixels:
+                    reader = BagReader(slide, plan)
+                    roots = plan.roots
+                    it = tqdm(range(len(roots)), desc=sid, unit="bag", leave=False, disable=not bag_bar)
+                    for b in it:
+                        patches = reader.read(roots[b])
+                        w.write_jpegs(b * plan.bag_size, [encode_jpeg(p, opts.jpeg_quality) for p in patches])
+                w.commit()
+        except DiskFullError:
+            if new_overlay:
+                overlay.unlink(missing_ok=True)
+            raise
     return {
         "path": str(Path(path).resolve()), "status": K.STATUS_DONE, "bags": len(plan.roots), "patches": n,
         "mpp": mpp, "mpp_source": slide.mpp_source, "magnifications": list(plan.mags),
@@ -186,18 +267,103 @@ def _json(d: dict) -> str:
     return json.dumps(d, sort_keys=True)
 
 
+def add_pixels(out: Path, slide_id: str, opts: TileOptions, bag_bar: bool = False) -> dict:
+    """Store the pixels of a slide tiled without them: a new copy of its file with ``pixels/jpeg``.
+
+    Returns:
+        The number of patches encoded.
+
+    Raises:
+        SlideFileError: The file is damaged, or its table is not a bag tree of its spec (re-tile it).
+        SlideError: Its slide cannot be opened.
+        DiskFullError: The copy does not fit; the file is unchanged.
+    """
+    from pathvl.slide.tiling import plan_from_dataset
+
+    path = slide_file(out, slide_id)
+    with open_slide_h5(path) as f, reading(path):
+        a = dict(f.attrs)
+        coords, parent = f[K.COORDS][:], f[K.PARENT][:]
+        digest = table_digest(f)
+    n = len(coords)
+    spec = TileSpec.from_json(str(a[K.ATTR_SPEC]))
+    mpp = float(a[K.ATTR_MPP])
+    plan = plan_from_dataset(spec, mpp, tuple(np.atleast_1d(a[K.ATTR_MAGS_DONE]).tolist()), coords[parent < 0])
+    if not np.array_equal(plan.all_patches()["coords"], coords):
+        raise SlideFileError(f"{path}: its patch table is not the bag tree of its spec (imported?); tile its slide "
+                             "into a new folder to store pixels")
+    need = path.stat().st_size + n * jpeg_bytes_estimate(spec.patch_px, opts.jpeg_quality)
+    check_space(out, need, f"adding the pixels of {slide_id} ({n} patches) to a new copy of {path}")
+    with open_slide(str(a[K.ATTR_SLIDE_PATH]), mpp=mpp) as slide, \
+            SlideUpdate(path, drop=[K.PIXELS], digest=digest) as up:
+        up.h5.attrs[K.ATTR_JPEG_QUALITY] = opts.jpeg_quality
+        pix = up.h5.create_dataset(K.PIXELS_JPEG, shape=(n,), dtype=h5py.vlen_dtype(np.uint8),
+                                   chunks=(max(1, min(n, 256)),))
+        reader = BagReader(slide, plan)
+        for b in tqdm(range(len(plan.roots)), desc=slide_id, unit="bag", leave=False, disable=not bag_bar):
+            for i, p in enumerate(reader.read(plan.roots[b])):
+                pix[b * plan.bag_size + i] = np.frombuffer(encode_jpeg(p, opts.jpeg_quality), dtype=np.uint8)
+            up.check_write()
+        up.commit()
+    return n
+
+
+def _existing(out: Path, sid: str, rec: dict, store_pixels: bool) -> str:
+    """What a slide already in the manifest needs: ``"skip"``, ``"pixels"`` (add them), ``"repair"``
+    (its file is damaged: tile again) or ``"tile"`` (not done)."""
+    path = slide_file(out, sid)
+    if rec.get("status") != K.STATUS_DONE or not path.exists():
+        return "tile"
+    try:
+        with open_slide_h5(path) as f, reading(path):
+            if not bool(f.attrs.get(K.ATTR_COMPLETE, False)) or K.COORDS not in f:
+                return "repair"
+            if store_pixels and K.PIXELS_JPEG not in f:
+                return "pixels"
+    except SlideFileError:
+        return "repair"
+    return "skip"
+
+
+def _failed(path: Path, e: BaseException) -> dict:
+    if isinstance(e, (SlideError, SpecError, SlideFileError)):
+        reason = str(e)
+    else:  # a broken file can raise anything from deep inside a reader
+        tb = traceback.extract_tb(e.__traceback__)
+        where = f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
+        reason = f"{path}: {describe_error(e)}{where}"
+    return {"path": str(path), "status": K.STATUS_FAILED, "reason": " ".join(reason.split())}
+
+
 def _tile_worker(path: Path, out: Path, spec: TileSpec, opts: TileOptions, bag_bar: bool) -> tuple[str, dict]:
+    """Tile one slide under its claim; returns ``(slide_id, record)`` (status ``busy`` / ``skipped`` when
+    there was nothing to do). Only a full disk raises."""
     sid = slide_id_for(path)
     try:
-        rec = tile_slide(path, out, spec, opts, bag_bar=bag_bar)
-    except (SlideError, SpecError) as e:
-        rec = {"path": str(path), "status": K.STATUS_FAILED, "reason": str(e)}
-    except Exception as e:  # a broken file can raise anything from deep inside a reader
-        last = traceback.extract_tb(e.__traceback__)[-1]
-        rec = {"path": str(path), "status": K.STATUS_FAILED,
-               "reason": f"{path}: {type(e).__name__}: {e} (at {Path(last.filename).name}:{last.lineno})"}
-    update_manifest(out, sid, rec)
-    return sid, rec
+        check_slide_id(sid)
+    except SlideFileError as e:
+        return sid, _failed(path, e)  # cannot name a file, nor a lock: not recorded
+    with claim_slide(out, sid, STAGE) as mine:
+        if not mine:
+            return sid, {"status": "busy"}
+        rec = read_manifest(out)["slides"].get(sid, {})
+        todo = _existing(out, sid, rec, opts.store_pixels)  # again: another process may have done it meanwhile
+        if todo == "skip":
+            return sid, {"status": "skipped"}
+        try:
+            if todo == "pixels":
+                add_pixels(out, sid, opts, bag_bar=bag_bar)
+                new = {**rec, "pixels": True, "jpeg_quality": opts.jpeg_quality}
+            else:
+                new = tile_slide(path, out, spec, opts, bag_bar=bag_bar)
+        except DiskFullError:
+            raise
+        except Exception as e:
+            if is_disk_full(e):
+                raise disk_full_error(slide_file(out, sid), e) from e
+            new = _failed(path, e)
+        update_manifest(out, sid, new)
+    return sid, {**new, "_action": todo}
 
 
 def tile_slides(inputs: list[str | Path], out: str | Path, spec: TileSpec, opts: TileOptions) -> TileSummary:
@@ -226,18 +392,30 @@ def tile_slides(inputs: list[str | Path], out: str | Path, spec: TileSpec, opts:
     todo = []
     for p in slides:
         sid = slide_id_for(p)
-        rec = manifest["slides"].get(sid, {})
-        if rec.get("status") == K.STATUS_DONE and slide_file(out, sid).exists():
+        try:
+            need = _existing(out, check_slide_id(sid), manifest["slides"].get(sid, {}), opts.store_pixels)
+        except SlideFileError:
+            need = "tile"  # the worker reports the bad id
+        if need == "skip":
             summary.skipped.append(sid)
         else:
             todo.append(p)
     bar = tqdm(total=len(todo), desc="tile", unit="slide", disable=not opts.progress)
 
     def record(sid: str, rec: dict) -> None:
-        if rec["status"] == K.STATUS_DONE:
+        status, action = rec.get("status"), rec.get("_action")
+        if status == "busy":
+            summary.busy.append(sid)
+        elif status == "skipped":
+            summary.skipped.append(sid)
+        elif status == K.STATUS_DONE:
             summary.done.append(sid)
-            summary.bags += rec["bags"]
-            summary.patches += rec["patches"]
+            summary.bags += int(rec.get("bags", 0))
+            summary.patches += int(rec.get("patches", 0))
+            if action == "pixels":
+                summary.pixels_added.append(sid)
+            elif action == "repair":
+                summary.repaired.append(sid)
         else:
             summary.failed[sid] = rec["reason"]
         bar.update(1)
@@ -247,10 +425,16 @@ def tile_slides(inputs: list[str | Path], out: str | Path, spec: TileSpec, opts:
         for p in todo:
             record(*_tile_worker(p, out, spec, opts, opts.progress and opts.store_pixels))
     else:
-        with ProcessPoolExecutor(max_workers=opts.workers, mp_context=get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(max_workers=opts.workers, mp_context=get_context("spawn"),
+                                   initializer=die_with_parent, initargs=(os.getpid(),))
+        try:
             futs = [pool.submit(_tile_worker, p, out, spec, opts, False) for p in todo]
             for f in as_completed(futs):
                 record(*f.result())
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # a full disk or ^C: start nothing more
+            raise
+        pool.shutdown(wait=True)
     bar.close()
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -47,6 +47,29 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+#: How to turn a refused pickle into a safe file, without ever loading it here.
+CONVERT_HINT = (
+    "convert it to .safetensors where it was made, or on a machine you trust with code you trust: load the "
+    "model there and save its state dict with safetensors.torch.save_file(model.state_dict(), "
+    "'model.safetensors'), then pass that file"
+)
+
+
+def refusal_detail(exc: BaseException) -> str:
+    """What the safe unpickler objected to (e.g. ``unsupported GLOBAL posix.system``), without torch's
+    advice to retry with the unsafe loader."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    keep = [ln for ln in lines if "weights_only" not in ln and not ln.startswith("Check the documentation")
+            and "can still be loaded" not in ln]
+    return keep[0].rstrip(".") if keep else "it holds objects other than tensors"
+
+
+def refusal_message(path: str | Path, exc: BaseException) -> str:
+    """One line for a pickle that ``torch.load(weights_only=True)`` refused: what, why, how to convert."""
+    return (f"refused to load {path}: it is not a plain tensor checkpoint ({refusal_detail(exc)}); the safe loader "
+            f"never runs code from a file, and this one would need it. To use these weights, {CONVERT_HINT}")
+
+
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
     """Hex sha256 of a file, read in chunks so that large weights never sit in memory twice.
 
@@ -109,11 +132,7 @@ def _read_torch(path: Path) -> object:
     except UnpicklingError as exc:
         # weights_only=True raises this both for pickles that reference code (a __reduce__ calling
         # os.system, a custom class) and for garbage; either way nothing was executed.
-        raise EncoderError(
-            f"refused to load weights file {path}: it is not a plain tensor checkpoint. The safe loader "
-            "(torch.load weights_only=True) will not unpickle code or custom objects, which such a file "
-            f"would need. Convert it to .safetensors from a trusted source. Details: {_first_line(exc)}"
-        ) from exc
+        raise EncoderError(refusal_message(path, exc)) from exc
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
         why = _first_line(exc)
         raise EncoderError(f"weights file {path} could not be read (truncated or corrupt?): {why}") from exc
@@ -285,10 +304,13 @@ def build_with_weights(
 
 
 __all__ = [
+    "CONVERT_HINT",
     "EncoderError",
     "build_with_weights",
     "check_keys",
     "read_state_dict",
+    "refusal_detail",
+    "refusal_message",
     "sha256_file",
     "strip_prefixes",
 ]

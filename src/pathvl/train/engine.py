@@ -49,7 +49,9 @@ from pathvl.config import (
     save_config,
 )
 from pathvl.data.checkpoint import (
+    check_checkpoint_space,
     check_family,
+    checkpoint_bytes_estimate,
     get_rng_state,
     latest_checkpoint,
     load_into,
@@ -534,7 +536,16 @@ def _save(
     cfg: TrainConfig,
     dist_info: DistInfo,
 ) -> Path | None:
-    """Checkpoint at ``step``: every rank hands in its RNG and data position; rank 0 writes."""
+    """Checkpoint at ``step``: every rank hands in its RNG and data position; rank 0 writes.
+
+    Every rank first checks that the checkpoint fits (model and optimizer tensors), so that all stop
+    together with one clear line rather than rank 0 failing mid-write while the others wait; a write that
+    fails anyway removes its partial folder (:func:`~pathvl.data.checkpoint.save_checkpoint`).
+    """
+    need = checkpoint_bytes_estimate(module.model, {"optimizer": optimizer.state_dict(),
+                                                    "losses": module.losses.state_dict()},
+                                     save_frozen=cfg.run.save_frozen)
+    check_checkpoint_space(run_dir, step, need)
     ranks = _gather_objects({"rng": get_rng_state(), "data": stream.state_dict()})
     if not dist_info.is_main:
         return None
