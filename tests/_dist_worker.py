@@ -34,7 +34,22 @@ def make_batch() -> dict[str, Tensor]:
         "subcap_mask": subcap_mask,
         "logit_scale": torch.tensor(5.0),
         "logit_bias": torch.tensor(-1.5),
+        # identical texts: rows 0 and 5 (on different ranks) and rows 2 and 3
+        "text_group": torch.tensor([10, 11, 12, 12, 14, 10, 16, 17]),
     }
+
+
+class _ITCGroups(torch.nn.Module):
+    """ITC with multi-positive targets for identical texts (the groups come in as ``text_group``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from pathvl.losses import ITCLoss
+
+        self.inner = ITCLoss(label_smoothing=0.1)
+
+    def forward(self, text_group: Tensor, **kw: Tensor) -> Tensor:
+        return self.inner(caption_group=text_group, **kw)
 
 
 def cases() -> dict[str, tuple[Callable[[], torch.nn.Module], list[str]]]:
@@ -43,6 +58,7 @@ def cases() -> dict[str, tuple[Callable[[], torch.nn.Module], list[str]]]:
 
     return {
         "itc": (lambda: ITCLoss(label_smoothing=0.1), ["image_emb", "text_emb", "logit_scale"]),
+        "itc_groups": (_ITCGroups, ["image_emb", "text_emb", "logit_scale"]),
         "siglip": (SigLIPLoss, ["image_emb", "text_emb", "logit_scale", "logit_bias"]),
         "qformer_itc": (QFormerITCLoss, ["query_emb", "text_emb", "logit_scale"]),
         "region": (RegionAlignLoss, ["region_emb", "subcap_emb", "logit_scale", "logit_bias"]),

@@ -140,7 +140,7 @@ def test_csv_loader_options_and_errors(tmp_path):
         T.csv_tiles(table)
     with pytest.raises(ValueError, match=r"no label column 'grade'"):
         T.csv_tiles(table, label_column="grade")
-    with pytest.raises(FileNotFoundError, match=r"nope\.csv does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"no such file .*nope\.csv"):
         T.csv_tiles(tmp_path / "nope.csv")
 
 

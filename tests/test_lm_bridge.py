@@ -1,5 +1,6 @@
-"""The LM bridge (PathFLIP instruction following): LoRA, training stages, padding and KV-cache parity of
-generation, a tiny multiple-choice task learnt end to end, and letter parsing / exact match of VQA."""
+"""The LM bridge (PathFLIP instruction following): LoRA through peft, training stages, padding and KV-cache
+parity of generation, sampling and beam search, a tiny multiple-choice task learnt end to end, and letter
+parsing / exact match of VQA."""
 
 from __future__ import annotations
 
@@ -10,17 +11,19 @@ import pytest
 import torch
 from torch import nn
 
+from pathvl.data.instructions import InstructionDataset, collate_instructions
 from pathvl.eval.vqa import MCQItem, evaluate_mcq, exact_match, format_mcq, parse_choice, read_mcq
 from pathvl.losses import LMLoss
-from pathvl.data.instructions import InstructionDataset, collate_instructions
 from pathvl.models.causal_lm import tiny_causal_lm, word_level_tokenizer
 from pathvl.models.lm_bridge import (
     BridgeConfig,
+    Decoding,
     LMBridge,
-    LoRALinear,
     PathFLIPInstruct,
     apply_lora,
     default_lora_targets,
+    filter_logits,
+    has_lora,
     lora_parameters,
     select_patches,
 )
@@ -72,14 +75,30 @@ def _model(tokenizer, init_std: float = 0.02, **cfg) -> PathFLIPInstruct:
 
 
 # ------------------------------------------------------------------------------------------------ LoRA
-def test_lora_linear_starts_as_the_base_map_and_trains_only_its_factors():
-    base = nn.Linear(6, 5)
-    lora = LoRALinear(base, rank=2, alpha=4.0)
-    x = torch.randn(3, 6)
-    assert torch.allclose(lora(x), base(x))
-    assert not base.weight.requires_grad and lora.lora_A.requires_grad and lora.scaling == 2.0
-    lora(x).sum().backward()
-    assert lora.lora_B.grad is not None and base.weight.grad is None
+def test_peft_lora_starts_as_the_base_map_and_equals_the_lora_formula(tokenizer):
+    """apply_lora goes through peft: the output is unchanged at first (B = 0), only the factors train, and
+    with B set the adapted layer computes W x + b + (alpha / r) B A x (the LoRA paper's formula, by hand)."""
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(0)
+    lm = tiny_causal_lm(tokenizer, hidden=16, layers=2)
+    x = torch.randint(0, 100, (2, 5))
+    before = lm(input_ids=x).logits
+    q = lm.model.layers[0].self_attn.q_proj
+    W, b = q.weight.detach().clone(), None if q.bias is None else q.bias.detach().clone()
+    assert apply_lora(lm, rank=2, alpha=4.0) != [] and has_lora(lm)
+    assert torch.allclose(lm(input_ids=x).logits, before, atol=1e-6)
+    layer = lm.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoraLayer)
+    assert {n for n, p in lm.named_parameters() if p.requires_grad} == {n for n, _ in lora_parameters(lm)}
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (r, in), (out, r)
+    with torch.no_grad():
+        B.normal_()
+    h = torch.randn(3, 16)
+    expected = h @ W.t() + (0 if b is None else b) + (4.0 / 2) * (h @ A.t() @ B.t())
+    assert torch.allclose(layer(h), expected, atol=1e-5)
+    layer(h).sum().backward()
+    assert B.grad is not None and A.grad is not None and layer.base_layer.weight.grad is None
 
 
 def test_apply_lora_targets(tokenizer):
@@ -89,15 +108,26 @@ def test_apply_lora_targets(tokenizer):
     assert sorted(wrapped) == sorted(f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj"))
     assert apply_lora(lm, rank=2) == []  # idempotent
     assert len(list(lora_parameters(lm))) == 8
+    assert any(k.endswith("q_proj.base_layer.weight") for k in lm.state_dict())  # peft's layout
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)).eval()
     assert default_lora_targets(gpt2) == ("c_attn",)
-    apply_lora(gpt2, rank=2)
     x = torch.randint(0, 50, (1, 5))
-    assert gpt2(x).logits.shape == (1, 5, 50)  # Conv1D wrapped too
+    ref = gpt2(x).logits
+    apply_lora(gpt2, rank=2)
+    assert torch.allclose(gpt2(x).logits, ref, atol=1e-6)  # Conv1D (fan_in_fan_out) wrapped too
     with pytest.raises(ValueError, match="matched no linear layer"):
         apply_lora(nn.Sequential(nn.Linear(2, 2)), targets=("q_proj",))
+
+
+def test_pathflip_text_encoder_lora_goes_through_peft():
+    from peft.tuners.lora import LoraLayer
+
+    m = build_pathflip(PathFLIPConfig.tiny(feature_dim=8, text_train="lora", lora_rank=2))
+    assert any(isinstance(x, LoraLayer) for x in m.text.modules())
+    trainable = [n for n, p in m.text.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -107,7 +137,7 @@ def test_stage1_trains_the_projector_only_and_stage2_adds_lora(tokenizer):
     assert names and all(n.startswith("bridge.projector.") for n in names)
     m.set_stage(2)
     names = [n for n, p in m.named_parameters() if p.requires_grad]
-    lora = [n for n in names if n.endswith(("lora_A", "lora_B"))]
+    lora = [n for n in names if ".lora_A." in n or ".lora_B." in n]
     assert lora and all(n.startswith("bridge.lm.") for n in lora)
     assert set(names) == set(lora) | {n for n in names if n.startswith("bridge.projector.")}
     assert not any(p.requires_grad for p in m.slide.parameters())
@@ -164,6 +194,63 @@ def test_cached_generation_equals_plain_greedy_decoding(tokenizer):
         row = row[: row.index(bridge.eos)] if bridge.eos in row else row
         ref.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     assert fast == ref
+
+
+def _naive_nucleus(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Sampling probabilities by a plain loop: keep the top_k most likely tokens, then the most likely ones
+    until their probability reaches top_p (Holtzman et al. 2020), renormalise."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    order = sorted(range(len(p)), key=lambda i: -float(p[i]))
+    keep = order[:top_k] if top_k else order
+    q = torch.zeros_like(p)
+    q[keep] = p[keep]
+    q = q / q.sum()
+    out, mass = torch.zeros_like(p), 0.0
+    for i in sorted(keep, key=lambda i: -float(q[i])):
+        if mass >= top_p:
+            break
+        out[i] = q[i]
+        mass += float(q[i])
+    return out / out.sum()
+
+
+def test_sampling_follows_the_filtered_distribution():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 12, generator=g) * 2
+    for t, k, p in ((1.0, 0, 0.9), (0.7, 5, 1.0), (1.3, 4, 0.6), (1.0, 0, 1.0)):
+        got = torch.softmax(filter_logits(logits, t, k, p), -1).double()
+        for r in range(3):
+            assert torch.allclose(got[r], _naive_nucleus(logits[r], t, k, p), atol=1e-6)
+    # through the bridge: the first sampled token follows softmax(filtered logits of the first step)
+    tok = word_level_tokenizer(["a b c d e f g h what is shown ?"])
+    torch.manual_seed(0)
+    bridge = LMBridge(tiny_causal_lm(tok, hidden=16, init_std=0.3), tok, visual_dim=4).eval()
+    vis = torch.randn(1, 2, 4).expand(600, -1, -1)
+    ids = bridge.tokenize(["what is shown ?"] * 600)
+    with torch.no_grad():
+        e, m, pos, _ = bridge._inputs(vis[:1], None, ids["prompt_ids"][:1], ids["prompt_mask"][:1])
+        first = bridge.lm(inputs_embeds=e, attention_mask=m, position_ids=pos).logits[0, -1]
+    expected = _naive_nucleus(first, 1.0, 0, 0.9)
+    bridge._decode = lambda rows: rows  # token ids instead of text (special tokens decode to "")
+    out = bridge.generate(vis, None, ids, decoding=Decoding(max_new_tokens=1, do_sample=True, top_p=0.9, seed=3))
+    del bridge._decode
+    counts = torch.zeros_like(expected)
+    for row in out:
+        counts[row[0]] += 1
+    freq = counts / counts.sum()
+    assert float((freq - expected).abs().sum()) / 2 < 0.08  # total variation, 600 draws
+    assert float(freq[expected == 0].sum()) == 0  # never outside the nucleus
+    again = bridge.generate(vis[:50], None, {k: v[:50] for k, v in ids.items()},
+                            decoding=Decoding(max_new_tokens=3, do_sample=True, top_p=0.9, seed=3))
+    assert again == bridge.generate(vis[:50], None, {k: v[:50] for k, v in ids.items()},
+                                    decoding=Decoding(max_new_tokens=3, do_sample=True, top_p=0.9, seed=3))
+    greedy = bridge.generate(vis[:4], None, {k: v[:4] for k, v in ids.items()}, max_new_tokens=3)
+    assert bridge.generate(vis[:4], None, {k: v[:4] for k, v in ids.items()},
+                           decoding=Decoding(max_new_tokens=3, do_sample=True, top_k=1, seed=0)) == greedy
+    assert bridge.generate(vis[:4], None, {k: v[:4] for k, v in ids.items()},
+                           decoding=Decoding(max_new_tokens=3, num_beams=1)) == greedy
+    with pytest.raises(ValueError, match="not both"):
+        Decoding(num_beams=2, do_sample=True)
 
 
 def test_select_patches_keeps_the_best_real_ones():

@@ -273,7 +273,8 @@ def test_mask_tokens_bert_80_10_10() -> None:
 
 
 def _cvta_reference(x: np.ndarray, w: np.ndarray, mask: np.ndarray, top_k: int, tau: float, pmask=None):
-    """Returns (loss, positives per patch) from the MR-PLIP CVTA / SupCon formula."""
+    """Returns (loss, positives per patch) from the MR-PLIP CVTA / SupCon formula: the min(k_o, |C| - 1)
+    most similar candidates are positives (also the keywords the multimodal encoder fuses, issue 13)."""
     losses, positives = [], []
     for n in range(len(x)):
         cand = [k for k in range(len(w)) if mask[n, k]]
@@ -399,3 +400,32 @@ def test_losses_compute_in_fp32_under_autocast() -> None:
         auto = ITCLoss()(image_emb=img, text_emb=txt, logit_scale=100.0)
     assert auto.dtype == torch.float32
     assert auto.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_itc_multi_positive_targets_equal_a_hand_computed_cross_entropy() -> None:
+    """Rows 0 and 2 (and 1 and 4) carry the same caption: the target of each row spreads evenly over the
+    columns with its caption, in both directions, smoothed with the uniform distribution; checked against
+    a loop over the formula. Without groups it stays CLIP's loss."""
+    x, t = RNG.normal(size=(5, 6)), RNG.normal(size=(5, 6))
+    groups = [7, 3, 7, 9, 3]
+    scale, ls = 4.0, 0.1
+    n = len(groups)
+
+    def ce(rows: np.ndarray) -> float:
+        total = 0.0
+        for i in range(n):
+            logits = [scale * rows[i][j] for j in range(n)]
+            lse = math.log(sum(math.exp(v) for v in logits))
+            same = [j for j in range(n) if groups[j] == groups[i]]
+            y = [(1 - ls) * (j in same) / len(same) + ls / n for j in range(n)]
+            total -= sum(y[j] * (logits[j] - lse) for j in range(n))
+        return total / n
+
+    sim = np.array([[_cos(x[i], t[j]) for j in range(n)] for i in range(n)])
+    expected = 0.5 * (ce(sim) + ce(sim.T))
+    got = ITCLoss(label_smoothing=ls)(_t(x), _t(t), scale, caption_group=torch.tensor(groups))
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    plain = ITCLoss(label_smoothing=ls)(_t(x), _t(t), scale)
+    distinct = ITCLoss(label_smoothing=ls)(_t(x), _t(t), scale, caption_group=torch.arange(n))
+    assert distinct.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert abs(got.item() - plain.item()) > 1e-3

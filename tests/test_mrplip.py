@@ -8,17 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+from pathvl.config import ConfigError
 from pathvl.data.bagdata import BagDataset, BagSource, collate_bags
 from pathvl.data.caption import caption_dataset
 from pathvl.data.dataset import DatasetError
 from pathvl.data.embed import embed_dataset
 from pathvl.data.tiler import TileOptions, tile_slides
-from pathvl.families import get_family
+from pathvl.families import get_family, load_config
 from pathvl.models.mrplip import LOSS_NAMES, MRPLIP, MRPLIPConfig
 from pathvl.models.text_backbone import text_tokenizer
 from pathvl.slide.tiling import TileSpec
-from pathvl.config import ConfigError
-from pathvl.families import load_config
 
 TINY = {"text_encoder": "tiny-text", "width": 32, "fusion_layers": 1, "fusion_heads": 2, "decoder_layers": 1,
         "embed_dim": 16, "simsiam_dim": 16, "simsiam_hidden": 8, "top_k": 2, "max_caption_tokens": 24,
@@ -193,3 +192,79 @@ def test_pretrain_resume_is_exact(dataset, tmp_path):
     assert len(losses("straight")) == 4
     # equal up to float noise of multithreaded CPU kernels (the engine's toy test is bitwise)
     assert losses("split") == pytest.approx(losses("straight"), rel=1e-5)
+
+
+def test_magnification_subset_links_to_the_nearest_kept_ancestor(dataset):
+    """data.mags=[5, 20]: each 20x patch links to its 5x grandparent (its 10x parent is dropped), found by a
+    plain walk up the full tree; MRTVA then has 5x-20x pairs instead of none."""
+    from pathvl.losses import MRTVALoss
+
+    full = BagDataset(dataset, BagSource("tiny-cnn", "template"))[0]
+    sub = BagDataset(dataset, BagSource("tiny-cnn", "template", mags=(5.0, 20.0)))[0]
+    keep = [i for i, m in enumerate(full["magnification"]) if m in (5.0, 20.0)]
+    assert len(keep) == 17 and list(sub["rows"]) == [full["rows"][i] for i in keep]
+    expected = []
+    for i in keep:  # naive: climb the full tree until a kept row (or the root's -1)
+        a = int(full["parent"][i])
+        while a >= 0 and a not in keep:
+            a = int(full["parent"][a])
+        expected.append(keep.index(a) if a >= 0 else -1)
+    assert sub["parent"].tolist() == expected
+    assert (sub["magnification"][sub["parent"][1:]] == 5.0).all() and sub["parent"][0] == -1
+    tok = text_tokenizer("tiny-text")
+    batch = collate_bags([sub], tok, max_caption_tokens=24)
+    z = torch.randn(17, 8)
+    _, a, c = MRTVALoss().pair_losses(z, z + 0.1, batch["parent"])
+    assert len(c) == 16 and set(batch["magnification"][a].tolist()) == {5.0}
+
+
+def test_fused_keywords_are_the_cvta_positives():
+    """One rule: the keywords the multimodal encoder fuses for MRTVA are exactly the CVTA positives
+    (min(k_o, |C| - 1) most similar candidates), also for bags with k_o or fewer keywords."""
+    from pathvl.losses import CVTALoss
+    from pathvl.losses.cvta import select_positive_keywords
+
+    model = _model().eval()
+    small = _bag(2, seed=2)
+    small["keywords"] = ["tumor"] * len(small["keywords"])  # one keyword < k_o = 2
+    batch = collate_bags([_bag(3), small], model.tokenizer, max_caption_tokens=24)
+    seen = {}
+    fuse = model.fuse_keywords
+
+    def spy(v, kw, topk, valid):
+        seen["topk"], seen["valid"] = topk, valid
+        return fuse(v, kw, topk, valid)
+
+    model.fuse_keywords = spy
+    with torch.no_grad():
+        out = model(batch)
+    cvta = CVTALoss(top_k=model.cfg.top_k)
+    pos, n_pos = select_positive_keywords(cvta.similarity(out["patch_emb"], out["keyword_emb"]),
+                                          out["keyword_mask"], model.cfg.top_k)
+    fused = torch.zeros_like(pos)
+    for n in range(pos.shape[0]):
+        fused[n, seen["topk"][n][seen["valid"][n]]] = True
+    assert torch.equal(fused, pos)
+    assert n_pos[-1] == 0 and seen["valid"][-1].sum() == 0  # one keyword: nothing to contrast, none fused
+    assert seen["valid"][0].sum() == min(model.cfg.top_k, int(out["keyword_mask"][0].sum()) - 1)
+    assert torch.isfinite(cvta(**out))
+
+
+def test_itc_counts_identical_captions_as_positives():
+    """MR-PLIP's ITC gets caption_group; identical captions (shared here by design) are positives. When the
+    copies embed identically (eval mode) the multi-positive loss equals the one-hot one exactly (the copy is
+    a second, equal positive either way); with text dropout (training) the copies differ and it matters."""
+    from pathvl.losses import ITCLoss
+
+    model = _model()
+    batch = collate_bags([_bag(2), _bag(2, seed=1)], model.tokenizer, max_caption_tokens=24)
+    with torch.no_grad():
+        out = model.eval()(batch)
+        g = out["caption_group"]
+        assert torch.equal(g, batch["caption_group"]) and len(set(g.tolist())) < len(g)
+        plain = {k: v for k, v in out.items() if k != "caption_group"}
+        torch.testing.assert_close(ITCLoss()(**out), ITCLoss()(**plain))
+        torch.manual_seed(0)
+        out = model.train()(batch)  # dropout: the copies of a caption embed differently
+    plain = {k: v for k, v in out.items() if k != "caption_group"}
+    assert not torch.allclose(ITCLoss()(**out), ITCLoss()(**plain))

@@ -300,6 +300,33 @@ def test_bad_lm_folders_and_bad_features(tmp_path: Path, model: PathAlign) -> No
         PathAlign(_cfg(), active=["itc", "lm"])
 
 
+def test_itc_label_smoothing_follows_lavis_by_default(model: PathAlign) -> None:
+    """LAVIS's BLIP-2 ITC smooths labels by 0.1 in both directions: the default of the config, the packaged
+    configs and the family's loss, equal to the smoothed cross-entropy computed by hand."""
+    from pathvl.families import get_family, load_config
+
+    assert PathAlignConfig().itc_label_smoothing == 0.1
+    for name in ("pathalign-tiny", "pathalign-cpu", "pathalign-base"):
+        cfg = load_config(name)
+        assert cfg.model.itc_label_smoothing == 0.1
+        assert get_family("pathalign").build_losses(cfg, None)["itc"].label_smoothing == 0.1
+    out = model(_batch(model))
+    s = float(out["logit_scale"].detach())
+    qn, tn = F.normalize(out["query_emb"], dim=-1), F.normalize(out["text_emb"], dim=-1)
+    sim = [[float((qn[i] @ tn[j]).max()) for j in range(4)] for i in range(4)]
+
+    def smoothed(rows: list[list[float]]) -> float:
+        total = 0.0
+        for i, row in enumerate(rows):
+            lse = math.log(sum(math.exp(s * v) for v in row))
+            logp = [s * v - lse for v in row]
+            total -= 0.9 * logp[i] + 0.1 * sum(logp) / len(row)
+        return total / len(rows)
+
+    expected = 0.5 * (smoothed(sim) + smoothed([list(c) for c in zip(*sim)]))
+    assert float(QFormerITCLoss(label_smoothing=0.1)(**out)) == pytest.approx(expected, rel=1e-5)
+
+
 def test_packaged_configs_validate() -> None:
     from pathvl.config import ConfigError
     from pathvl.families import load_config
@@ -410,7 +437,7 @@ def test_write_report_and_engine_loader(trained: dict, tmp_path: Path) -> None:
         assert torch.allclose(m2.encode_slide(f), m.encode_slide(f), atol=1e-6)
 
 
-def test_cli_retrieve_and_report(trained: dict, tmp_path: Path) -> None:
+def test_cli_retrieve_and_report(trained: dict, tmp_path: Path, capsys) -> None:
     import json
 
     from pathvl.cli import main
@@ -421,9 +448,15 @@ def test_cli_retrieve_and_report(trained: dict, tmp_path: Path) -> None:
     rep = json.loads((tmp_path / "ret" / "retrieval.json").read_text())
     assert rep["n_images"] == 8 and rep["image_to_text"]["R@1"] > 1 / 8
     sid = trained["dataset"].slide_ids[0]
+    capsys.readouterr()
     assert main(["report", sid, "--dataset", str(root / "ds"), "--checkpoint", run, "--out", str(tmp_path / "rep"),
                  "--max-new-tokens", "12"]) == 0
     assert (tmp_path / "rep" / f"{sid}.report.txt").read_text().strip()
+    printed = capsys.readouterr().out.strip().splitlines()[-1]  # issue 13: it named a file never written
+    assert printed.startswith(f"report: {tmp_path / 'rep' / (sid + '.report.txt')}  (")
+    # a stage-1 model has no LM: `pathvl ask` says so
+    assert main(["ask", sid, "--dataset", str(root / "ds"), "--checkpoint", run, "What is shown?"]) == 2
+    assert "does not follow instructions" in capsys.readouterr().err
 
 
 def test_dataset_errors_name_the_fix(trained: dict, tmp_path: Path) -> None:
@@ -461,3 +494,21 @@ def test_stage2_trains_from_the_stage1_run(trained: dict) -> None:
     path = write_slide_report(m2, ds, "s0", root / "out2", num_beams=2, max_new_tokens=4)
     rec = json.loads(path.read_text())
     assert rec["prompt"].startswith("Clinical context: colon resection") and rec["stage"] == 2
+    # stage 2 follows instructions: `pathvl ask`, greedy equal to the library's greedy report
+    from pathvl.cli import main
+
+    with torch.no_grad():
+        x = ds[0]
+        want = generate_reports(m2, torch.as_tensor(x["features"])[None], None, "Which tissue is shown?",
+                                max_new_tokens=4, pos=torch.as_tensor(x["pos"])[None])[0]
+    args = ["ask", "s0", "--dataset", str(root / "ds"), "--checkpoint", str(run.run_dir), "Which tissue is shown?",
+            "--max-new-tokens", "4"]
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(args) == 0
+        assert main([*args, "--sample", "--temperature", "0.7", "--seed", "0"]) == 0
+    greedy, _ = buf.getvalue().splitlines()
+    assert greedy == want

@@ -137,3 +137,23 @@ def test_few_shot_logreg_improves_with_k_and_skips_large_k():
         P.few_shot(x[:400], y[:400], x[400:], y[400:], ks=(10_000,))
     with pytest.raises(ValueError, match="method must be"):
         P.few_shot(x[:400], y[:400], x[400:], y[400:], method="knn")
+
+
+def test_probe_report_carries_per_item_predictions(tmp_path):
+    """The probe report holds every test item's prediction and class probabilities, equal to a
+    scikit-learn LogisticRegression fitted with the chosen C, and write_report puts them in a CSV."""
+    import csv
+
+    from pathvl.eval.report import write_report
+
+    x, y = _planted(300)
+    probe = P.fit_linear_probe(x[:200], y[:200], C=1.0, num_classes=3)
+    rep = probe.evaluate(x[200:], y[200:], class_names=["a", "b", "c"], ids=[f"tile{i}" for i in range(100)])
+    ref = LogisticRegression(C=1.0, max_iter=1000, solver="lbfgs", random_state=0).fit(x[:200], y[:200])
+    np.testing.assert_allclose(np.asarray(rep["predictions"]["scores"]), ref.predict_proba(x[200:]), atol=1e-8)
+    assert rep["predictions"]["y_pred"] == ref.predict(x[200:]).tolist()
+    paths = write_report(tmp_path, rep, name="probe", pictures=False)
+    rows = list(csv.DictReader(paths["predictions"].read_text(encoding="utf-8").splitlines()))
+    assert [r["id"] for r in rows[:2]] == ["tile0", "tile1"] and len(rows) == 100
+    acc = np.mean([r["correct"] == "1" for r in rows])
+    assert acc == pytest.approx(rep["metrics"]["accuracy"])

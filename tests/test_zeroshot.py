@@ -275,19 +275,92 @@ def test_slide_zeroshot_equals_loop():
         Z.slide_zeroshot([slides[0], np.zeros((0, 8))], w)
 
 
+def _softmax64(cos: np.ndarray, scale: float) -> np.ndarray:
+    z = scale * np.asarray(cos, dtype=np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
 def test_reports_equal_classification_report_of_predictions():
+    """Deliberately changed (issue 13): scores are softmax(logit_scale * cosine) in float64, for slides too
+    (default scale 100 when none is given), instead of zeroshot_classify's float32 output / raw cosines."""
     rng = np.random.default_rng(5)
     w = F.normalize(torch.tensor(rng.normal(size=(3, 8)), dtype=torch.float32), dim=-1)
     img = rng.normal(size=(40, 8))
     y = rng.integers(0, 3, size=40)
     rep = Z.zeroshot_report(img, y, w, ["a", "b", "c"], logit_scale=50.0)
-    pred, probs = Z.zeroshot_classify(img, w, logit_scale=50.0)
-    want = classification_report(y, pred.numpy(), probs.double().numpy(), class_names=["a", "b", "c"])
-    assert rep["metrics"] == want["metrics"] and rep["confusion_matrix"] == want["confusion_matrix"]
+    _, cos = Z.zeroshot_classify(img, w)
+    probs = _softmax64(cos.numpy(), 50.0)
+    want = classification_report(y, probs.argmax(1), probs, class_names=["a", "b", "c"])
+    assert rep["metrics"] == pytest.approx(want["metrics"]) and rep["confusion_matrix"] == want["confusion_matrix"]
+    assert rep["zeroshot"]["protocol"]["logit_scale"] == 50.0
     slides = [rng.normal(size=(n, 8)) for n in (3, 20, 7, 11)]
     ys = np.array([0, 1, 2, 1])
     srep = Z.slide_zeroshot_report(slides, ys, w, ["a", "b", "c"], js=(1, 5))
     assert srep["js"] == [1, 5] and srep["num_slides"] == 4
     pred5, scores5 = Z.slide_zeroshot(slides, w, js=(5,))[5]
-    want5 = classification_report(ys, pred5.numpy(), scores5.double().numpy(), class_names=["a", "b", "c"])
-    assert srep["topj"]["5"]["metrics"] == want5["metrics"]
+    p5 = _softmax64(scores5.numpy(), Z.DEFAULT_LOGIT_SCALE)
+    want5 = classification_report(ys, pred5.numpy(), p5, class_names=["a", "b", "c"])
+    assert srep["topj"]["5"]["metrics"] == pytest.approx(want5["metrics"])
+
+
+def test_auroc_is_sklearns_on_softmax_of_scaled_cosines(tmp_path):
+    """CONCH's protocol: AUROC on softmax(logit_scale * cosine) over the classes, checked against
+    scikit-learn; for two classes this ranks by the cosine difference, not by the class-1 cosine alone
+    (which gives another number here), and the per-tile predictions are written beside the JSON."""
+    import csv
+
+    from sklearn.metrics import roc_auc_score
+
+    from pathvl.eval.report import write_report
+
+    rng = np.random.default_rng(0)
+    w = F.normalize(torch.tensor(rng.normal(size=(2, 6)), dtype=torch.float32), dim=-1)
+    y = rng.integers(0, 2, size=60)
+    # images near their class weight plus a shared offset along class 0 (moves both cosines)
+    img = w.numpy()[y] * 0.6 + rng.normal(size=(60, 6)) * 0.5 + rng.normal(size=(60, 1)) * w.numpy()[0]
+    scale = 37.5
+    rep = Z.zeroshot_report(img, y, w, ["benign", "tumor"], logit_scale=scale, ids=[f"t{i}.png" for i in range(60)])
+    cos = (img / np.linalg.norm(img, axis=1, keepdims=True)) @ w.numpy().T
+    p = _softmax64(cos, scale)
+    assert rep["metrics"]["auroc"] == pytest.approx(roc_auc_score(y, p[:, 1]), abs=1e-12)
+    small = Z.zeroshot_report(img, y, w, ["benign", "tumor"], logit_scale=5.0)  # no float saturation: the
+    assert small["metrics"]["auroc"] == pytest.approx(roc_auc_score(y, cos[:, 1] - cos[:, 0]), abs=1e-12)  # diff
+    assert abs(roc_auc_score(y, cos[:, 1]) - rep["metrics"]["auroc"]) > 0.01  # the old, wrong protocol
+    # multi-class: sklearn's one-vs-rest and one-vs-one macro AUROC on the probabilities
+    w3 = F.normalize(torch.tensor(rng.normal(size=(3, 6)), dtype=torch.float32), dim=-1)
+    y3 = np.arange(90) % 3
+    img3 = w3.numpy()[y3] * 0.5 + rng.normal(size=(90, 6)) * 0.6
+    rep3 = Z.zeroshot_report(img3, y3, w3, ["a", "b", "c"], logit_scale=scale)
+    p3 = _softmax64((img3 / np.linalg.norm(img3, axis=1, keepdims=True)) @ w3.numpy().T, scale)
+    assert rep3["metrics"]["auroc_ovr_macro"] == pytest.approx(roc_auc_score(y3, p3, multi_class="ovr"), abs=1e-9)
+    assert rep3["metrics"]["auroc_ovo_macro"] == pytest.approx(roc_auc_score(y3, p3, multi_class="ovo"), abs=1e-9)
+    # top-j slide reports: the same protocol on the pooled cosines
+    tj = Z.topj_report({1: torch.tensor(cos[:20]), 5: torch.tensor(cos[20:40])}, y[:20], ["benign", "tumor"],
+                       logit_scale=scale)
+    assert tj["topj"]["1"]["metrics"]["auroc"] == pytest.approx(roc_auc_score(y[:20], p[:20, 1]), abs=1e-12)
+    # predictions beside the JSON, re-scorable
+    paths = write_report(tmp_path, rep, name="zeroshot", pictures=False)
+    rows = list(csv.DictReader(paths["predictions"].read_text(encoding="utf-8").splitlines()))
+    assert len(rows) == 60 and rows[3]["id"] == "t3.png" and rows[3]["true"] == ["benign", "tumor"][y[3]]
+    col = np.array([float(r["score_tumor"]) for r in rows])
+    np.testing.assert_array_equal(col, np.asarray(rep["predictions"]["scores"])[:, 1])  # written exactly
+    np.testing.assert_allclose(col, p[:, 1], rtol=1e-4, atol=1e-9)  # float32 cosines in the library
+    assert roc_auc_score([r["true"] == "tumor" for r in rows], col) == pytest.approx(rep["metrics"]["auroc"])
+    import json
+
+    saved = json.loads(paths["json"].read_text())
+    assert saved["predictions"]["csv"] == "zeroshot_predictions.csv" and "ids" not in saved["predictions"]
+
+
+def test_eval_model_logit_scale_is_the_trained_scale():
+    from pathvl.eval.loading import EvalModel
+
+    class M(torch.nn.Module):
+        def __init__(self, v: float) -> None:
+            super().__init__()
+            self.logit_scale = torch.nn.Parameter(torch.tensor(v))
+
+    assert EvalModel(M(float(np.log(20.0))), "x", "f").logit_scale == pytest.approx(20.0)
+    assert EvalModel(M(10.0), "x", "f").logit_scale == pytest.approx(100.0)  # clamped as in training
+    assert EvalModel(torch.nn.Linear(2, 2), "x", "f").logit_scale is None

@@ -104,14 +104,45 @@ class BagDataset(TorchDataset):
                if self.kw_key in f else [""] * n)
         keep = np.arange(n)
         if self.source.mags:
-            keep = np.flatnonzero(np.isin(mags, np.asarray(self.source.mags, dtype=mags.dtype)))
+            kept = np.isin(mags, np.asarray(self.source.mags, dtype=mags.dtype))
+            keep = np.flatnonzero(kept)
             remap = -np.ones(n, dtype=np.int64)
             remap[keep] = np.arange(len(keep))
-            parent = np.where(parent >= 0, remap[np.maximum(parent, 0)], -1)[keep]
+            parent = remap_to_kept_ancestors(parent, kept)[keep]
+            parent = np.where(parent >= 0, remap[np.maximum(parent, 0)], -1)
             mags, feats = mags[keep], feats[keep]
             caps, kws = [caps[j] for j in keep], [kws[j] for j in keep]
         return {"features": feats, "magnification": mags.astype(np.float32), "parent": parent.astype(np.int64),
                 "captions": caps, "keywords": kws, "slide": s, "rows": a + keep}
+
+
+def remap_to_kept_ancestors(parent: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """Each row's nearest ancestor among the kept rows (-1 when none is kept).
+
+    With a magnification subset (``data.mags=[5, 20]``) a 20x patch's parent (10x) is dropped; its link then
+    goes to the nearest kept ancestor (the 5x root), so MRTVA still aligns it with the coarser context
+    (5x-20x pairs) instead of losing every pair.
+
+    Args:
+        parent: ``(n,)`` row of each row's parent within the bag, -1 for roots.
+        kept: ``(n,)`` bool, rows that stay.
+    """
+    parent = np.asarray(parent, dtype=np.int64)
+    kept = np.asarray(kept, dtype=bool)
+    out = parent.copy()
+    for _ in range(len(parent)):  # each pass climbs one level; the tree has at most a handful
+        climb = (out >= 0) & ~kept[np.maximum(out, 0)]
+        if not climb.any():
+            break
+        out[climb] = parent[out[climb]]
+    return out
+
+
+def _text_group(text: str) -> int:
+    """A 63-bit content hash of a caption: equal texts get equal ids on every rank and in every batch."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
 def collate_bags(bags: list[dict], tokenizer, max_caption_tokens: int = 64, max_keyword_tokens: int = 12) -> dict:
@@ -120,7 +151,8 @@ def collate_bags(bags: list[dict], tokenizer, max_caption_tokens: int = 64, max_
     Returns:
         ``features (N, Dv)``, ``magnification (N,)``, ``parent (N,)`` (batch row, -1 for roots or a parent
         not in the batch), ``bag (N,)``, ``caption_ids``/``caption_mask``/``caption_special (N, L)``,
-        ``caption_valid (N,)`` (non-empty), ``caption_group (N,)`` (equal ids = identical text),
+        ``caption_valid (N,)`` (non-empty), ``caption_group (N,)`` (equal ids = identical text: a content hash,
+        comparable across batches and ranks),
         ``keyword_ids``/``keyword_attn (K, Lk)`` and ``keyword_mask (N, K)``.
     """
     from pathvl.text.keywords import split_keywords
@@ -150,8 +182,7 @@ def collate_bags(bags: list[dict], tokenizer, max_caption_tokens: int = 64, max_
     for b, ks in enumerate(bag_kw):
         if ks:
             member[b, list(ks)] = True
-    groups: dict[str, int] = {}
-    group = torch.tensor([groups.setdefault(c, len(groups)) for c in caps], dtype=torch.long)
+    group = torch.tensor([_text_group(c) for c in caps], dtype=torch.long)
     tok = tokenize(tokenizer, caps, max_length=max_caption_tokens, return_special_tokens_mask=True)
     words = sorted(vocab, key=vocab.get)
     if words:

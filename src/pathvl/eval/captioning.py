@@ -1,4 +1,4 @@
-"""Captioning metrics for generated reports: BLEU-1..4, ROUGE-L and (where it runs offline) METEOR.
+"""Captioning metrics for generated reports: BLEU-1..4, ROUGE-L, CIDEr and (where it runs offline) METEOR.
 
 The definitions follow the reference implementations the field reports with:
 
@@ -19,6 +19,18 @@ The definitions follow the reference implementations the field reports with:
   when ``pycocoevalcap`` with its Meteor jar and a ``java`` executable are installed, and left out of
   :func:`caption_metrics` otherwise (:func:`meteor_available` says which).
 
+- **CIDEr** (Vedantam et al., "CIDEr: Consensus-based Image Description Evaluation", CVPR 2015), as the
+  COCO toolkit computes it (CIDEr-D: TF-IDF n-grams 1..4 with document frequencies from the references of
+  the whole set, a Gaussian length penalty with sigma 6, clipped counts, times 10), through
+  ``pycocoevalcap`` (pure Python). It is a set-level metric: a slide's CIDEr depends on the other slides'
+  references, and a single slide alone scores 0.
+
+:func:`report_scores` scores a set of reports with the published implementations themselves
+(``pycocoevalcap``'s ``Bleu(4)``, ``Rouge``, ``Cider`` and ``Meteor``): one row per report and the set
+overall, as papers report them (SlideBench-Caption, PathAlign). Its BLEU is COCO's (per-report BLEU is
+COCO's sentence BLEU; the set BLEU pools the counts) and differs from :func:`corpus_bleu` by COCO's tiny
+smoothing only.
+
 Texts are tokenised by :func:`tokenize_caption`: lower case, every run of characters other than
 ``a-z0-9`` is a separator (``rouge_score``'s default tokenizer, and close to COCO's PTB tokenizer with
 its punctuation removal).
@@ -31,14 +43,17 @@ import re
 import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 __all__ = [
     "caption_metrics",
+    "cider_score",
     "corpus_bleu",
     "lcs_length",
     "meteor_available",
     "meteor_score",
     "per_report_metrics",
+    "report_scores",
     "rouge_l",
     "rouge_l_sentence",
     "tokenize_caption",
@@ -232,9 +247,97 @@ def meteor_score(hypotheses: Sequence[str], references: Sequence[Sequence[str]])
     return float(score)
 
 
+def _coco_inputs(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]
+                 ) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """``(gts, res)`` for pycocoevalcap: texts tokenised by :func:`tokenize_caption`, joined by spaces."""
+    refs_text = [[r] if isinstance(r, str) else list(r) for r in references]
+    _check_corpus(hypotheses, refs_text)
+    gts = {i: [" ".join(tokenize_caption(r)) for r in refs] for i, refs in enumerate(refs_text)}
+    res = {i: [" ".join(tokenize_caption(h))] for i, h in enumerate(hypotheses)}
+    return gts, res
+
+
+def cider_score(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -> tuple[float, list[float]]:
+    """CIDEr-D of a set (``pycocoevalcap.cider.Cider``): ``(set score, per-hypothesis scores)``."""
+    from pycocoevalcap.cider.cider import Cider
+
+    gts, res = _coco_inputs(hypotheses, references)
+    score, scores = Cider().compute_score(gts, res)
+    return float(score), [float(x) for x in scores]
+
+
+def report_scores(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]],
+                  meteor: bool | None = None) -> dict[str, Any]:
+    """BLEU-1..4, ROUGE-L, CIDEr and METEOR of a set of reports, per report and overall, computed by the
+    published implementations (``pycocoevalcap``; see the module docstring).
+
+    Per report: COCO's sentence BLEU-n, ROUGE-L (beta 1.2), CIDEr-D (document frequencies from the whole
+    set) and METEOR 1.5. Overall: COCO's corpus BLEU-n (pooled counts), the mean ROUGE-L, the mean CIDEr-D
+    and METEOR's own aggregate (pooled statistics), i.e. what ``pycocoevalcap``'s ``compute_score`` returns
+    for the set.
+
+    Args:
+        hypotheses: Generated reports.
+        references: The reference report(s) of each.
+        meteor: Compute METEOR (None: where :func:`meteor_available`; True raises if it cannot).
+
+    Returns:
+        ``{"overall": {metric: value, "n": n}, "per_report": [{metric: value}, ...], "metrics": [names],
+        "implementation": "pycocoevalcap <version>"}``.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    gts, res = _coco_inputs(hypotheses, references)
+    n = len(res)
+    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+    overall: dict[str, float] = {f"BLEU-{k + 1}": float(bleu[k]) for k in range(4)}
+    rows: list[dict[str, float]] = [{f"BLEU-{k + 1}": float(bleu_each[k][i]) for k in range(4)} for i in range(n)]
+    rouge, rouge_each = Rouge().compute_score(gts, res)
+    overall["ROUGE-L"] = float(rouge)
+    cider, cider_each = cider_score(hypotheses, references)
+    overall["CIDEr"] = cider
+    for i in range(n):
+        rows[i]["ROUGE-L"] = float(rouge_each[i])
+        rows[i]["CIDEr"] = cider_each[i]
+    names = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"]
+    if meteor or (meteor is None and meteor_available()):
+        m, m_each = _meteor(gts, res)
+        overall["METEOR"] = m
+        for i in range(n):
+            rows[i]["METEOR"] = m_each[i]
+        names.insert(5, "METEOR")
+    try:
+        impl = f"pycocoevalcap {version('pycocoevalcap')}"
+    except PackageNotFoundError:
+        impl = "pycocoevalcap"
+    return {"overall": {**{k: overall[k] for k in names}, "n": n},
+            "per_report": [{k: r[k] for k in names} for r in rows], "metrics": names, "implementation": impl}
+
+
+def _meteor(gts: Mapping[int, list[str]], res: Mapping[int, list[str]]) -> tuple[float, list[float]]:
+    if not meteor_available():
+        raise RuntimeError(
+            "METEOR needs pycocoevalcap (with its bundled meteor-1.5.jar) and a java executable; neither "
+            "may be downloaded at run time here. Install pycocoevalcap to get METEOR."
+        )
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scorer = Meteor()
+    try:
+        score, scores = scorer.compute_score(dict(gts), dict(res))
+    finally:
+        close = getattr(scorer, "close", None)
+        if callable(close):
+            close()
+    return float(score), [float(x) for x in scores]
+
+
 def caption_metrics(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]],
                     meteor: bool | None = None) -> dict[str, float]:
-    """BLEU-1..4, ROUGE-L and, where it runs offline, METEOR of generated texts.
+    """BLEU-1..4, ROUGE-L, CIDEr and, where it runs offline, METEOR of generated texts.
 
     Args:
         hypotheses: Generated reports.
@@ -242,7 +345,8 @@ def caption_metrics(hypotheses: Sequence[str], references: Sequence[str | Sequen
         meteor: Compute METEOR (``None``: when :func:`meteor_available`; ``True`` raises if it cannot).
 
     Returns:
-        ``{"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L"[, "METEOR"], "n"}``; scores in ``[0, 1]``.
+        ``{"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"[, "METEOR"], "n"}``; scores in
+        ``[0, 1]`` except CIDEr-D (``[0, 10]``).
 
     Raises:
         ValueError: Mismatched lengths, no hypotheses or a hypothesis without reference.
@@ -256,6 +360,7 @@ def caption_metrics(hypotheses: Sequence[str], references: Sequence[str | Sequen
     for n in range(1, 5):
         out[f"BLEU-{n}"] = corpus_bleu(hyp_tok, ref_tok, weights=(1.0 / n,) * n)
     out["ROUGE-L"] = rouge_l(hyp_tok, ref_tok)
+    out["CIDEr"] = cider_score(list(hypotheses), refs_text)[0]
     if meteor or (meteor is None and meteor_available()):
         out["METEOR"] = meteor_score(list(hypotheses), refs_text)
     out["n"] = float(len(hyp_tok))

@@ -174,7 +174,7 @@ class Heatmap:
 
 
 #: Layout of :func:`compose_figure`, in pixels.
-BAR_WIDTH, BAR_GAP, TITLE_LINE = 18, 12, 16
+BAR_WIDTH, BAR_GAP, BAR_LABELS, TITLE_LINE = 18, 12, 64, 16
 
 
 def compose_figure(body: np.ndarray, lines: Sequence[str], lo: float, hi: float) -> np.ndarray:
@@ -188,7 +188,7 @@ def compose_figure(body: np.ndarray, lines: Sequence[str], lo: float, hi: float)
 
     h, w = body.shape[:2]
     top = TITLE_LINE * len(lines) + 8
-    label_w = 64
+    label_w = BAR_LABELS
     H, W = top + max(h, 120) + 8, w + BAR_GAP + BAR_WIDTH + label_w
     canvas = np.full((H, W, 3), 255, np.uint8)
     canvas[top : top + h, :w] = body

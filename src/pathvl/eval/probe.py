@@ -136,14 +136,19 @@ class LinearProbe:
         return np.asarray(self.model.predict(np.asarray(x, dtype=np.float64)), dtype=np.int64)
 
     def evaluate(
-        self, x: Any, y: Any, class_names: Sequence[str] | None = None, n_bootstrap: int = 0, seed: int = 0
+        self, x: Any, y: Any, class_names: Sequence[str] | None = None, n_bootstrap: int = 0, seed: int = 0,
+        ids: Sequence[str] | None = None,
     ) -> dict[str, Any]:
-        """:func:`pathvl.eval.metrics.classification_report` on (x, y), plus the probe's settings."""
+        """:func:`pathvl.eval.metrics.classification_report` on (x, y), plus the probe's settings and the
+        per-item ``predictions`` (true, predicted, class probabilities; ``ids`` name the items, default the
+        row numbers), which :func:`pathvl.eval.report.write_report` writes to a CSV."""
+        from pathvl.eval.report import prediction_records
+
         xa, ya = _xy(x, y, "test")
         names = class_names if class_names is not None else [str(i) for i in range(self.num_classes)]
-        report = M.classification_report(
-            ya, self.predict(xa), self.predict_proba(xa), class_names=names, n_bootstrap=n_bootstrap, seed=seed
-        )
+        pred, proba = self.predict(xa), self.predict_proba(xa)
+        report = M.classification_report(ya, pred, proba, class_names=names, n_bootstrap=n_bootstrap, seed=seed)
+        report["predictions"] = prediction_records(ids, ya, pred, proba, names, "logistic-regression probability")
         report["probe"] = {
             "C": self.C, "metric": self.metric, "refit_on_train_and_val": self.refit,
             "val_scores": {f"{c:g}": s for c, s in self.val_scores.items()},
@@ -232,16 +237,18 @@ def linear_probe(
     y_val: Any = None,
     class_names: Sequence[str] | None = None,
     n_bootstrap: int = 0,
+    ids: Sequence[str] | None = None,
     **fit_kwargs: Any,
 ) -> dict[str, Any]:
     """Fit a probe (:func:`fit_linear_probe`) and report it on the test set.
 
     Returns:
-        The classification report of the test set with a ``probe`` entry (C, validation scores).
+        The classification report of the test set with a ``probe`` entry (C, validation scores) and the
+        per-test-item ``predictions`` (named by ``ids``).
     """
     n_cls = len(class_names) if class_names is not None else None
     probe = fit_linear_probe(x_train, y_train, x_val, y_val, num_classes=n_cls, **fit_kwargs)
-    return probe.evaluate(x_test, y_test, class_names=class_names, n_bootstrap=n_bootstrap)
+    return probe.evaluate(x_test, y_test, class_names=class_names, n_bootstrap=n_bootstrap, ids=ids)
 
 
 def sample_k_shot(y: Any, k: int, seed: int = 0, classes: Sequence[int] | None = None) -> np.ndarray:

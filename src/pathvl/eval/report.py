@@ -1,7 +1,10 @@
 """Evaluation reports: JSON for machines, Markdown for people, PNG pictures.
 
 A report is the dictionary :func:`pathvl.eval.metrics.classification_report` returns, optionally
-with more keys (``baselines``: {name: {metric: value}}, ``config``, results per top-j, ...).
+with more keys (``baselines``: {name: {metric: value}}, ``config``, results per top-j, ...). Per-item
+predictions (``predictions``, from :func:`prediction_records`: every tile or slide with its true and
+predicted class and its class scores) are written to ``<name>_predictions.csv`` beside the JSON, so a
+user can audit and re-score them; the JSON names that file instead of holding the rows.
 Every file is written atomically: to ``<name>.tmp`` first, then renamed, so a reader never sees
 half a report. matplotlib is imported inside the plotting functions and draws on an Agg canvas without
 pyplot (no global backend switch), so importing this module costs nothing.
@@ -23,10 +26,12 @@ __all__ = [
     "atomic_path",
     "plot_confusion_matrix",
     "plot_per_class_f1",
+    "prediction_records",
     "render_markdown",
     "to_jsonable",
     "write_json",
     "write_markdown",
+    "write_predictions_csv",
     "write_report",
 ]
 
@@ -129,7 +134,8 @@ def _metric_rows(metrics: Mapping[str, Any], ci: Mapping[str, Any] | None) -> li
     return rows
 
 
-_KNOWN = {"metrics", "ci", "per_class", "confusion_matrix", "class_names", "baselines", "num_classes", "n"}
+_KNOWN = {"metrics", "ci", "per_class", "confusion_matrix", "class_names", "baselines", "num_classes", "n",
+          "predictions"}
 
 
 def _render_generic(obj: Mapping[str, Any], level: int) -> list[str]:
@@ -188,6 +194,9 @@ def _render_body(report: Mapping[str, Any], level: int) -> list[str]:
         lines += [f"{h} Retrieval", ""]
         lines += [*_table(["direction", *cols], [[d, *(report[d].get(c) for c in cols)] for d in directions]), ""]
         handled.update(directions)
+    if isinstance(report.get("predictions"), Mapping) and "csv" in report["predictions"]:
+        pr = report["predictions"]
+        lines += [f"Per-item predictions and class scores ({pr.get('score_kind', 'scores')}): {pr['csv']}", ""]
     if isinstance(report.get("topj"), Mapping):  # slide zero-shot (pathvl.eval.zeroshot)
         topj = report["topj"]
         names = [k for k in _METRIC_ORDER if any(k in r.get("metrics", {}) for r in topj.values())]
@@ -299,6 +308,69 @@ def plot_per_class_f1(
     return _save_figure(fig, path)
 
 
+def prediction_records(ids: Sequence[Any] | None, y_true: Any, y_pred: Any, scores: Any,
+                       class_names: Sequence[str], score_kind: str) -> dict[str, Any]:
+    """Per-item predictions for a report's ``predictions`` entry.
+
+    Args:
+        ids: A name per item (tile file, slide id); None: the row numbers.
+        y_true: True class indices (N,).
+        y_pred: Predicted class indices (N,).
+        scores: Class scores (N, C) (probabilities for zero-shot and probes).
+        class_names: The C class names.
+        score_kind: What the scores are (e.g. ``softmax(logit_scale * cosine)``).
+    """
+    y, p = np.asarray(y_true).reshape(-1), np.asarray(y_pred).reshape(-1)
+    s = np.asarray(scores, dtype=np.float64)
+    names = [str(i) for i in range(len(y))] if ids is None else [str(i) for i in ids]
+    if not (len(names) == len(y) == len(p) == len(s)):
+        raise ValueError(f"predictions: {len(names)} ids, {len(y)} labels, {len(p)} predictions, {len(s)} score rows")
+    return {"ids": names, "y_true": y.tolist(), "y_pred": p.tolist(), "scores": s.tolist(),
+            "class_names": [str(c) for c in class_names], "score_kind": score_kind}
+
+
+def write_predictions_csv(path: str | os.PathLike[str], predictions: Sequence[tuple[str | None, Mapping[str, Any]]]
+                          ) -> Path:
+    """One CSV of per-item predictions: ``id``, (``j``,) ``true``, ``predicted``, ``correct`` and a score
+    column per class (``score_<class>``); ``predictions`` is ``[(j or None, prediction_records(...)), ...]``."""
+    import csv
+
+    first = predictions[0][1]
+    classes = list(first["class_names"])
+    with_j = any(j is not None for j, _ in predictions)
+    header = ["id", *(["j"] if with_j else []), "true", "predicted", "correct", *(f"score_{c}" for c in classes)]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        for j, pr in predictions:
+            for i, t, q, row in zip(pr["ids"], pr["y_true"], pr["y_pred"], pr["scores"]):
+                w.writerow([i, *([j] if with_j else []), classes[int(t)], classes[int(q)], int(t == q),
+                            *(repr(float(v)) for v in row)])
+    return Path(path)
+
+
+def _split_predictions(report: Mapping[str, Any], csv_name: str) -> tuple[dict[str, Any], list]:
+    """The report with each ``predictions`` entry replaced by a pointer to the CSV, and the entries."""
+    found: list[tuple[str | None, Mapping[str, Any]]] = []
+
+    def summary(pr: Mapping[str, Any]) -> dict[str, Any]:
+        return {"csv": csv_name, "n": len(pr["ids"]), "score_kind": pr.get("score_kind")}
+
+    out = dict(report)
+    if isinstance(out.get("predictions"), Mapping) and "ids" in out["predictions"]:
+        found.append((None, out["predictions"]))
+        out["predictions"] = summary(out["predictions"])
+    if isinstance(out.get("topj"), Mapping):
+        topj = {}
+        for j, r in out["topj"].items():
+            if isinstance(r, Mapping) and isinstance(r.get("predictions"), Mapping) and "ids" in r["predictions"]:
+                found.append((str(j), r["predictions"]))
+                r = {**r, "predictions": summary(r["predictions"])}
+            topj[j] = r
+        out["topj"] = topj
+    return out, found
+
+
 def write_report(
     out_dir: str | os.PathLike[str],
     report: Mapping[str, Any],
@@ -317,10 +389,12 @@ def write_report(
             a confusion matrix and per-class results.
 
     Returns:
-        {"json": path, "markdown": path, "confusion_matrix": path, "per_class_f1": path}, the last
-        two only when written.
+        {"json": path, "markdown": path, "confusion_matrix": path, "per_class_f1": path, "predictions": path},
+        the pictures only when written, ``predictions`` (``<name>_predictions.csv``) when the report holds
+        per-item predictions.
     """
     out = Path(out_dir)
+    report, preds = _split_predictions(report, f"{name}_predictions.csv")
     paths = {
         "json": write_json(out / f"{name}.json", report),
         "markdown": write_markdown(out / f"{name}.md", report, title or name),
@@ -332,4 +406,6 @@ def write_report(
         )
     if pictures and "per_class" in report:
         paths["per_class_f1"] = plot_per_class_f1(report["per_class"], out / f"{name}_f1.png", title=title)
+    if preds:
+        paths["predictions"] = write_predictions_csv(out / f"{name}_predictions.csv", preds)
     return paths

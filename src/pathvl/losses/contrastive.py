@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pathvl.dist import gather_with_grad, get_rank, get_world_size
+from pathvl.dist import all_gather_no_grad, gather_with_grad, get_rank, get_world_size
 
 __all__ = ["ITCLoss", "QFormerITCLoss", "SigLIPLoss"]
 
@@ -105,6 +105,19 @@ class ITCLoss(nn.Module):
     embeddings are gathered with gradients; each rank computes the two cross-entropies for its local rows
     against all columns, and the mean over ranks equals :math:`\mathcal{L}` on the whole batch.
 
+    **Identical texts** (``caption_group``): generated captions repeat, and a pair whose texts are equal is
+    no negative. With groups :math:`g`, the target of row :math:`i` spreads over every column with the same
+    text, :math:`y_{ij} = [g_i = g_j] / |\{k: g_k = g_i\}|` (multi-positive targets, as BLIP's retrieval
+    fine-tuning spreads its targets over the captions of one image id), in both directions:
+
+    .. math::
+        \mathcal{L} = \tfrac{1}{2N}\sum_i \Big[-\sum_j y_{ij}\log\mathrm{softmax}_j(s\,u_i^\top v_j)
+        -\sum_j y_{ij}\log\mathrm{softmax}_j(s\,v_i^\top u_j)\Big],
+
+    label smoothing mixing :math:`y` with the uniform distribution. Groups are gathered across ranks (no
+    gradient) with the embeddings, so equal ids must mean equal texts on every rank (MR-PLIP's
+    :func:`~pathvl.data.bagdata.collate_bags` gives content hashes); without groups this is the loss above.
+
     Args:
         label_smoothing: Passed to :func:`torch.nn.functional.cross_entropy`.
         gather: Gather columns across ranks (no effect in a single process).
@@ -113,6 +126,7 @@ class ITCLoss(nn.Module):
         image_emb: ``(B, D)`` image embeddings, un-normalised.
         text_emb: ``(B, D)`` text embeddings, un-normalised.
         logit_scale: Scalar multiplier, already exponentiated (CLIP: ``exp(log_scale)``).
+        caption_group: Optional ``(B,)`` integer id of each pair's text (equal ids: identical texts).
     """
 
     def __init__(self, label_smoothing: float = 0.0, gather: bool = True) -> None:
@@ -122,7 +136,8 @@ class ITCLoss(nn.Module):
 
     @fp32_forward
     def forward(
-        self, image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float, **_: object
+        self, image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float, caption_group: Tensor | None = None,
+        **_: object,
     ) -> Tensor:
         _check_pair(image_emb, text_emb, "image_emb", "text_emb")
         img = F.normalize(image_emb.float(), dim=-1)  # (B, D)
@@ -131,7 +146,14 @@ class ITCLoss(nn.Module):
         gathered = self.gather and get_world_size() > 1
         img_all = gather_with_grad(img) if gathered else img  # (W*B, D)
         txt_all = gather_with_grad(txt) if gathered else txt  # (W*B, D)
-        targets = _local_targets(img.shape[0], img.device, gathered)  # (B,)
+        targets: Tensor = _local_targets(img.shape[0], img.device, gathered)  # (B,)
+        if caption_group is not None:
+            g = caption_group.reshape(-1).long().to(img.device)
+            if g.shape[0] != img.shape[0]:
+                raise ValueError(f"caption_group has {g.shape[0]} entries for {img.shape[0]} pairs")
+            g_all = all_gather_no_grad(g) if gathered else g  # (W*B,)
+            same = (g[:, None] == g_all[None, :]).float()  # (B, W*B), the diagonal included
+            targets = same / same.sum(dim=1, keepdim=True)  # multi-positive target distribution
         logits_i2t = scale * img @ txt_all.t()  # (B, W*B)
         logits_t2i = scale * txt @ img_all.t()  # (B, W*B)
         ls = self.label_smoothing

@@ -10,42 +10,60 @@ from torch import Tensor, nn
 
 from pathvl.losses.contrastive import fp32_forward, zero_loss
 
-__all__ = ["CVTALoss", "select_positive_keywords"]
+__all__ = ["CVTALoss", "select_positive_keywords", "top_keywords"]
 
 
 @torch.no_grad()
-def select_positive_keywords(sim: Tensor, keyword_mask: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
-    """Marks, for each patch, its ``top_k`` most similar candidate keywords as positives.
-
-    A patch with ``n`` candidates gets ``min(top_k, n - 1)`` positives, so that at least one candidate
-    is left as a negative; patches with fewer than two candidates get none. Ties are broken by
-    :func:`torch.topk`. Runs without gradient (the selection is not differentiated).
+def top_keywords(sim: Tensor, keyword_mask: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    r"""The one rule MR-PLIP uses for "the top-:math:`k_o` keywords" of a patch, in CVTA and in the multimodal
+    encoder: the :math:`\min(k_o, |C_n| - 1)` candidates with the highest similarity, best first (at least
+    one candidate is left as a negative; a patch with one candidate gets none).
 
     Args:
         sim: ``(N, K)`` patch-keyword similarities (any monotone score, e.g. cosine).
         keyword_mask: ``(N, K)`` bool, True where keyword ``k`` is a candidate for patch ``n``.
-        top_k: Number of positives wanted per patch (MR-PLIP's :math:`k_o`).
+        top_k: :math:`k_o`.
 
     Returns:
-        ``(positive, n_pos)``: ``(N, K)`` bool positives (a subset of the candidates) and ``(N,)`` long
-        number of positives per patch.
+        ``(index (N, k), valid (N, k))`` with ``k = min(top_k, K)``: keyword indices, best first, and
+        False where a patch has fewer than ``k`` candidates (those indices are 0 and mean nothing). Ties are
+        broken by :func:`torch.topk`. Runs without gradient.
     """
     if sim.shape != keyword_mask.shape:
         raise ValueError(f"sim {tuple(sim.shape)} and keyword_mask {tuple(keyword_mask.shape)} disagree")
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    n, k = sim.shape
-    cand = keyword_mask.bool()
-    n_pos = (cand.sum(dim=1) - 1).clamp(min=0, max=top_k)  # (N,)
-    positive = torch.zeros(n, k, dtype=torch.bool, device=sim.device)
-    kk = min(top_k, k)
+    n, K = sim.shape
+    kk = min(top_k, K)
     if n == 0 or kk == 0:
-        return positive, n_pos
-    scores = sim.detach().float().masked_fill(~cand, float("-inf"))
-    top = scores.topk(kk, dim=1).indices  # (N, kk), best first
-    take = torch.arange(kk, device=sim.device).unsqueeze(0) < n_pos.unsqueeze(1)  # (N, kk)
-    positive.scatter_(1, top, take)
-    return positive & cand, n_pos
+        z = torch.zeros(n, kk, dtype=torch.long, device=sim.device)
+        return z, z.bool()
+    scores = sim.detach().float().masked_fill(~keyword_mask.bool(), float("-inf"))
+    vals, idx = scores.topk(kk, dim=1)  # (N, kk), best first
+    n_pos = (keyword_mask.bool().sum(dim=1) - 1).clamp(min=0, max=top_k)  # (N,)
+    valid = torch.isfinite(vals) & (torch.arange(kk, device=sim.device)[None, :] < n_pos[:, None])
+    return idx.masked_fill(~valid, 0), valid
+
+
+@torch.no_grad()
+def select_positive_keywords(sim: Tensor, keyword_mask: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """Marks, for each patch, its top-``k_o`` candidate keywords as positives (:func:`top_keywords`: the
+    same keywords the multimodal encoder fuses).
+
+    Args:
+        sim: ``(N, K)`` patch-keyword similarities.
+        keyword_mask: ``(N, K)`` bool candidates.
+        top_k: :math:`k_o`.
+
+    Returns:
+        ``(positive, n_pos)``: ``(N, K)`` bool positives and ``(N,)`` long ``min(top_k, |C_n| - 1)``.
+    """
+    idx, valid = top_keywords(sim, keyword_mask, top_k)
+    positive = torch.zeros(sim.shape, dtype=torch.bool, device=sim.device)
+    if idx.numel():
+        positive.scatter_(1, idx, valid)
+    positive &= keyword_mask.bool()
+    return positive, valid.sum(dim=1)
 
 
 class CVTALoss(nn.Module):
@@ -55,17 +73,28 @@ class CVTALoss(nn.Module):
     Representation" (2025), CVTA. Every patch of a 5x bag (at any of 5x/10x/20x/40x)
     is contrasted with the keywords of its bag's textual bag. Let :math:`s_{nk}=\cos(x_n, w_k)`,
     :math:`C_n` the candidate keywords of patch :math:`n` (``keyword_mask``), :math:`P_n\subset C_n` its
-    positives: the :math:`\min(k_o, |C_n|-1)` candidates with the highest :math:`s_{nk}`, chosen without
-    gradient (:func:`select_positive_keywords`); the other candidates are its negatives. The loss is the
-    supervised-contrastive average over positives (Khosla et al., "Supervised Contrastive Learning",
-    NeurIPS 2020, :math:`\mathcal{L}_{out}`), with the positives kept in the denominator:
+    positives: the :math:`|P_n| = \min(k_o, |C_n| - 1)` candidates with the highest :math:`s_{nk}`, chosen
+    without gradient (:func:`top_keywords`); the other candidates, :math:`C_n\setminus P_n`, are its
+    negatives. The loss is the supervised-contrastive average over positives (Khosla et al., "Supervised
+    Contrastive Learning", NeurIPS 2020, :math:`\mathcal{L}_{out}`), with the positives kept in the
+    denominator:
 
     .. math::
         \mathcal{L}_{cvta} = \frac{1}{|\mathcal{V}|}\sum_{n\in\mathcal{V}} -\frac{1}{|P_n|}
         \sum_{p\in P_n}\log\frac{\exp(s_{np}/\tau)}{\sum_{c\in C_n}\exp(s_{nc}/\tau)},
 
     where :math:`\mathcal{V}` are the patches that are not padding (``patch_mask``) and have
-    :math:`|C_n|\ge 2` (others are skipped; 0 connected to the graph if none is left). The temperature
+    :math:`|C_n|\ge 2` (others are skipped; 0 connected to the graph if none is left).
+
+    Reading of the paper: "for each visual feature :math:`v_a`, the :math:`k_o` positive keywords with the
+    highest cosine similarity in the textual bag; unrelated keywords are negatives", and the multimodal
+    encoder "fuses visual features and the top-:math:`k_o` textual features". Both name one set, so one
+    rule serves both (:func:`top_keywords`, also called by :class:`pathvl.models.mrplip.MRPLIP` for the
+    fusion): the fused keywords are exactly the CVTA positives. A contrast needs a negative, so a bag with
+    :math:`k_o` or fewer keywords keeps its least similar one(s) out of the positives, and out of the fusion
+    too: :math:`|P_n| = \min(k_o, |C_n| - 1)`. (Letting small bags fuse every keyword and skipping them in
+    CVTA instead removes most of the CVTA signal on template captions, whose bags hold a few keywords: the
+    demo's held-out weighted F1 fell from 0.48 to 0.22.) The temperature
     :math:`\tau=\exp(\theta)` is learnable through its log, initialised at 0.07 and clamped to
     ``[min_temperature, max_temperature]`` in the forward (as CLIP clamps its scale at 100).
 
@@ -130,7 +159,7 @@ class CVTALoss(nn.Module):
         cand = keyword_mask.bool()
         sim = self.similarity(patch_emb, keyword_emb)  # (N, K)
         positive, n_pos = select_positive_keywords(sim, cand, self.top_k)  # (N, K), (N,)
-        valid = n_pos > 0
+        valid = n_pos > 0  # n_pos <= |C| - 1: a negative is always left
         if patch_mask is not None:
             valid = valid & patch_mask.bool().reshape(-1)
         if not bool(valid.any()):

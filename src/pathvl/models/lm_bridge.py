@@ -22,6 +22,7 @@ attention mask, so left padding is exact.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -394,8 +395,9 @@ class LMBridge(nn.Module):
             return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
         B = embeds.shape[0]
+        past_kw = _cache_keyword(self.lm)
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
-        past = out.past_key_values
+        past = _past(out)
         nxt = pick(out.logits[:, -1])
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         ids = []
@@ -408,9 +410,9 @@ class LMBridge(nn.Module):
                 break
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)
             last = last + 1
-            out = self.lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=last, past_key_values=past,
-                          use_cache=True)
-            past = out.past_key_values
+            out = self.lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=last, use_cache=True,
+                          **{past_kw: past})
+            past = _past(out)
             nxt = pick(out.logits[:, -1])
         return self._decode(torch.stack(ids, dim=1).tolist())
 
@@ -427,6 +429,21 @@ class LMBridge(nn.Module):
         rows = beam_search(step, prefix.shape[0], self.eos, d.num_beams, d.max_new_tokens, d.length_penalty,
                            prefix.device)
         return self._decode(rows)
+
+
+def _past(out: Any) -> Any:
+    """The KV cache of an LM output (``cache`` in transformers 5, ``past_key_values`` before)."""
+    cache = out.get("cache")
+    return cache if cache is not None else out.past_key_values
+
+
+def _cache_keyword(lm: nn.Module) -> str:
+    """The keyword a causal LM takes its KV cache by (transformers 5 renamed ``past_key_values`` to ``cache``)."""
+    try:
+        params = inspect.signature(lm.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
 
 
 def _pad(seqs: list[list[int]], pad: int, left: bool, prefix: str) -> dict[str, Tensor]:

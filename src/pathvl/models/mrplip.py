@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pathvl.losses.cvta import top_keywords
 from pathvl.losses.lm import IGNORE_INDEX
 from pathvl.models.layers import MLP, FusionEncoder, PrefixLMDecoder, masked_mean
 from pathvl.models.text_backbone import RandomTextSpec, text_backbone
@@ -51,7 +52,8 @@ class MRPLIPConfig:
         decoder_layers: Blocks of the prefix-LM decoder.
         embed_dim: Width of the shared image-text embedding space (ITC, CVTA, zero-shot).
         vis_tokens: Visual tokens made from one patch feature.
-        top_k: Keywords fused with each patch (``k_o``), also CVTA's positives.
+        top_k: Keywords fused with each patch (``k_o``), also CVTA's positives: both take the
+            ``min(k_o, |C| - 1)`` most similar candidates (:func:`pathvl.losses.cvta.top_keywords`).
         simsiam_dim: Width of the MRTVA projector output.
         simsiam_hidden: Hidden width of the MRTVA predictor (bottleneck, as in SimSiam).
         max_caption_tokens: Caption truncation.
@@ -198,6 +200,7 @@ class MRPLIP(nn.Module):
             cap_states = self._text_states(batch["caption_ids"], batch["caption_mask"])
             text_emb = self.txt_head(masked_mean(cap_states, batch["caption_mask"].bool()))
             out["image_emb"], out["text_emb"] = image_emb, text_emb
+            out["caption_group"] = batch["caption_group"]  # identical captions are ITC positives
         if act & {"cvta", "mrtva"}:
             K = batch["keyword_ids"].shape[0]
             if K:
@@ -211,17 +214,13 @@ class MRPLIP(nn.Module):
             out.update(patch_emb=image_emb, keyword_emb=keyword_emb, keyword_mask=kmask)
             if "mrtva" in act:
                 k = self.cfg.top_k
-                with torch.no_grad():
-                    sim = F.normalize(image_emb.float(), dim=-1) @ F.normalize(keyword_emb.float(), dim=-1).t()
-                    sim = sim.masked_fill(~kmask, float("-inf"))
+                with torch.no_grad():  # the CVTA positives: one rule, cvta.top_keywords (min(k_o, |C|-1))
                     if K == 0:
                         topk = torch.zeros(N, k, dtype=torch.long, device=v.device)
                         valid = torch.zeros(N, k, dtype=torch.bool, device=v.device)
                     else:
-                        kk = min(k, K)
-                        vals, topk = sim.topk(kk, dim=1)
-                        valid = torch.isfinite(vals)
-                        topk = topk.masked_fill(~valid, 0)
+                        sim = F.normalize(image_emb.float(), dim=-1) @ F.normalize(keyword_emb.float(), dim=-1).t()
+                        topk, valid = top_keywords(sim, kmask, k)
                 z = self.fuse_keywords(v, self.txt_to_d(kw_pooled), topk, valid)
                 zp = self.projector(z)
                 out.update(z=zp, p=self.predictor(zp), parent=batch["parent"], magnification=batch["magnification"])

@@ -4,10 +4,14 @@ PathFLIP (Liu et al., "PathFLIP: Fine-grained Language-Image Pretraining for Ver
 Pathology", 2025) aligns each *sub-caption* (one finding, e.g. "focal atelectasis") with a region
 embedding of the slide pooled under that text. This module makes the sub-captions:
 
-- :class:`RuleDecomposer` (``"rules"``, the default): offline and deterministic. It splits at sentence
-  ends, semicolons, colons, dashes and commas, and at ``and`` / ``with`` / ``&`` between two findings
-  or two phrases of their own (not inside "ductal and lobular elements"); it drops pieces that only give
-  sizes and counts ("2 ~9x5mm pieces") and leading sizes, re-attaches pieces made of qualifiers only
+- :class:`RuleDecomposer` (``"rules"``, the default): offline and deterministic. It splits on clause
+  boundaries only: sentence ends, semicolons, colons, dashes and the commas of a list, and a coordinating
+  ``and`` / ``&`` / ``plus`` / ``but`` only where it joins two clauses (a verb on each side: "the tumor
+  invades the muscle and the margins are free") or two bare findings of a note-style list ("mild
+  fibrosis and congestion": each side is a finding with its qualifiers, nothing else). It never splits a
+  noun phrase: not at ``with`` ("Tumor cells with strong nuclear atypia proliferate invasively" stays
+  whole) and not inside coordinated modifiers ("ductal and lobular elements"). It drops pieces that only
+  give sizes and counts ("2 ~9x5mm pieces") and leading sizes, re-attaches pieces made of qualifiers only
   ("well preserved") to their neighbour, and never invents words: every word of a piece is a word of
   the caption.
 - :class:`LMDecomposer` (``"lm:<dir>"``): a local instruction-tuned causal LM (any Hugging Face folder;
@@ -17,8 +21,8 @@ embedding of the slide pooled under that text. This module makes the sub-caption
 :func:`select_subcaptions` samples or pads a slide's sub-captions to a fixed ``K`` with a mask.
 
 Example:
-    >>> decompose_caption("2 pieces ~7.5x7.5mm. Micronodular cirrhosis with steatosis and chronic hepatitis")
-    ['Micronodular cirrhosis', 'steatosis', 'chronic hepatitis']
+    >>> decompose_caption("2 pieces ~7.5x7.5mm. Mild fibrosis and congestion; tumor cells with nuclear atypia")
+    ['Mild fibrosis', 'congestion', 'tumor cells with nuclear atypia']
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ _TRANSLATE = str.maketrans({
 _ABBREVIATIONS = frozenset({"vs", "e.g", "eg", "i.e", "ie", "approx", "ca", "cf", "etc", "dr", "fig", "no", "st",
                             "mr", "ms", "resp", "incl", "max", "min", "avg", "appr"})
 _WORD = re.compile(r"[A-Za-z]+(?:['-][A-Za-z]+)*")
-_SPLIT_WORDS = re.compile(r"\s+(and|with|&|plus|but)\s+", re.IGNORECASE)
+_SPLIT_WORDS = re.compile(r"\s+(and|&|plus|but)\s+", re.IGNORECASE)
 #: Words that make a phrase carry no finding by themselves (function words, qualifiers, specimen
 #: handling, units, auxiliaries).
 _ADMIN = frozenset({
@@ -189,10 +193,22 @@ def _has_finding(piece: str) -> bool:
     return any(w.lower() in _FINDINGS for w in _WORD.findall(piece))
 
 
+def _bare_finding(piece: str) -> bool:
+    """A finding with its qualifiers and modifiers only ("Mild fibrosis", "diffuse cystic glandular atrophy"):
+    every content word is a finding or a modifier, and one is a finding."""
+    words = _content_words(piece)
+    return bool(words) and any(w in _FINDINGS for w in words) and all(
+        w in _FINDINGS or w in lx.MODIFIERS or w in lx.ADJ_TO_TERM for w in words)
+
+
+def _has_verb(piece: str) -> bool:
+    return any(w.lower() in lx.VERBS for w in _WORD.findall(piece))
+
+
 def _split_conjunctions(clause: str) -> list[str]:
-    """Split at ``and`` / ``with`` / ``&`` between two findings ("fibrosis and congestion") or between two
-    phrases of at least two words each ("micronodular cirrhosis with macrovesicular steatosis"), never
-    inside a coordinated modifier ("ductal and lobular elements", "micro and macrovesicular")."""
+    """Split at a coordinating ``and`` / ``&`` / ``plus`` / ``but`` that joins two clauses (a verb on each
+    side) or two bare findings ("fibrosis and congestion"); never inside a noun phrase ("ductal and
+    lobular elements", "micro and macrovesicular", "cirrhosis with steatosis and hepatitis")."""
     pieces: list[str] = []
     rest = clause
     while True:
@@ -207,9 +223,9 @@ def _split_conjunctions(clause: str) -> list[str]:
                 continue
             if lw[-1].lower().strip(",") in lx.MODIFIERS:  # "ductal and lobular elements"
                 continue
-            two_findings = _has_finding(lw[-1]) and _has_finding(right) and _content_words(left)
-            phrases = len(lw) >= 2 and len(rw) >= 2 and len(_content_words(left)) >= 2 and _content_words(right)
-            if not (two_findings or phrases):
+            findings = _bare_finding(left) and _bare_finding(right)
+            clauses = _has_verb(left) and _has_verb(right) and len(_content_words(right)) >= 1
+            if not (findings or clauses):
                 continue
             best = m
             break
@@ -228,7 +244,8 @@ def decompose_caption(text: str, *, drop_non_findings: bool = True, split_conjun
         text: A slide caption, pathologist note or report.
         drop_non_findings: Drop pieces without a finding word (sizes, counts: "2 ~9x5mm pieces").
             When every piece would be dropped, the whole caption is returned as one sub-caption.
-        split_conjunctions: Also split at ``and`` / ``with`` / ``&`` between two phrases.
+        split_conjunctions: Also split at ``and`` / ``&`` / ``plus`` / ``but`` joining two clauses or two
+            bare findings.
         max_pieces: Keep at most this many (the first ones).
 
     Returns:
@@ -289,7 +306,7 @@ class RuleDecomposer:
 
     Args:
         drop_non_findings: Drop size/count pieces.
-        split_conjunctions: Split at ``and`` / ``with`` / ``&`` between phrases.
+        split_conjunctions: Split at a conjunction joining two clauses or two bare findings.
         max_pieces: Keep at most this many pieces.
     """
 
