@@ -83,6 +83,37 @@ def _zeroshot_inputs(model, texts_fn, feats: np.ndarray, classes: list[str]) -> 
     return img, w
 
 
+def _example_sheet(lab: dict[str, Any], out: Path, per_class: int = 6, px: int = 64) -> Path:
+    """A contact sheet of held-out tiles: one row per class (the ground truth), ``per_class`` tiles each."""
+    from PIL import Image, ImageDraw
+
+    from pathvl.data.tiler import decode_jpeg
+
+    classes = lab["classes"]
+    label_w = 90
+    sheet = Image.new("RGB", (label_w + per_class * (px + 2), len(classes) * (px + 2)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, name in enumerate(classes):
+        draw.text((4, r * (px + 2) + px // 2 - 6), name, fill=(0, 0, 0))
+        rows = np.flatnonzero(lab["y"] == r)[:per_class]
+        for c, i in enumerate(rows):
+            tile = Image.fromarray(decode_jpeg(lab["jpegs"][i])).resize((px, px))
+            sheet.paste(tile, (label_w + c * (px + 2), r * (px + 2)))
+    sheet.save(out)
+    return out
+
+
+def _confusions(report: dict[str, Any], top: int = 3) -> list[str]:
+    """The largest off-diagonal cells of a classification report's confusion matrix, as sentences."""
+    cm = np.asarray(report["confusion_matrix"])
+    names = report["class_names"]
+    cells = [(int(cm[i, j]), i, j) for i in range(len(cm)) for j in range(len(cm)) if i != j and cm[i, j]]
+    out = []
+    for n, i, j in sorted(cells, reverse=True)[:top]:
+        out.append(f"{n} of {int(cm[i].sum())} **{names[i]}** tiles predicted as **{names[j]}**")
+    return out
+
+
 def _loss_plot(metrics: Path, out: Path) -> Path:
     import matplotlib
 
@@ -206,6 +237,31 @@ def run_demo(out: str | Path = "pathvl-demo", *, quick: bool = False, steps: int
 
     _log("5/5 report")
     _loss_plot(run / "metrics.jsonl", report_dir / "loss.png")
+    import shutil
+
+    from pathvl.eval.heatmap import Heatmap
+    from pathvl.eval.html import write_html
+    from pathvl.eval.slides import slide_patch_scores
+
+    overlay = heldout / f"{held.stem}.tissue.png"
+    if overlay.exists():
+        shutil.copy(overlay, report_dir / "tissue.png")
+    _example_sheet(lab, report_dir / "examples.png")
+    query = "tumor"
+    scores, rows = slide_patch_scores(lm, heldout, held.stem, [f"{query} at 20x"])
+    from pathvl.data.dataset import Dataset
+
+    hds = Dataset(heldout)
+    hfps = {float(k): v for k, v in json.loads(hds.attrs(held.stem)[K.ATTR_FOOTPRINTS]).items()}
+    with hds.open(held.stem) as f:
+        hco, hmag = f[K.COORDS][:][rows], f[K.MAGNIFICATION][:][rows]
+    at20 = hmag == 20.0
+    hm = Heatmap(held.stem, f"{query} at 20x", scores[0][at20], hco[at20],
+                 np.array([hfps[float(m)] for m in hmag[at20]]), tuple(int(v) for v in
+                                                                     hds.attrs(held.stem)[K.ATTR_SLIDE_SIZE]),
+                 slide_path=str(held))
+    hm.save_png(report_dir / "heatmap.png", max_px=768, title=f"MR-PLIP patch-text similarity: '{hm.text}' (20x)")
+    synth["largest_confusions"] = _confusions(zs_report)
     results = {"settings": {**st, "train_seeds": list(st["train_seeds"]), "size": list(st["size"])},
                "synthetic_zeroshot": synth, "retrieval": retrieval,
                "crc_zeroshot": {"metrics": crc["metrics"], "baselines": crc.get("baselines", {})},
@@ -213,6 +269,8 @@ def run_demo(out: str | Path = "pathvl-demo", *, quick: bool = False, steps: int
     (report_dir / "results.json").write_text(json.dumps(results, indent=1, default=float))
     md = report_dir / "README.md"
     md.write_text(_markdown(results, lm.meta))
+    for page in report_dir.glob("*.md"):
+        write_html(page)
     _log(f"done in {results['seconds']:.0f} s")
     return md
 
@@ -234,6 +292,8 @@ def _markdown(r: dict[str, Any], meta: dict) -> str:
         f"MR-PLIP (`{s['config']}`, all six losses, random-init tiny text encoder) was pretrained for "
         f"{meta.get('step')} steps. Figures below come from `results.json` beside this file.", "",
         "![loss](loss.png)", "",
+        "The held-out slide: tissue found by the tiler (left), tiles of each ground-truth class (right).", "",
+        "![tissue](tissue.png) ![examples](examples.png)", "",
         f"## Zero-shot on held-out synthetic tiles ({z['n_tiles']} tiles, {len(z['classes'])} classes, "
         f"chance balanced accuracy {z['chance_balanced_accuracy']:.3f})", "",
         "| model | weighted F1 | balanced accuracy | " + " | ".join(f"F1 {m}" for m in mags) + " |",
@@ -244,7 +304,12 @@ def _markdown(r: dict[str, Any], meta: dict) -> str:
                      + " | ".join(_fmt(d["f1_weighted_per_magnification"].get(m)) for m in mags) + " |")
     for name, d in z["baselines"].items():
         lines.append(f"| {name} | {_fmt(d['f1_weighted'])} | {_fmt(d['balanced_accuracy'])} |" + " |" * len(mags))
+    conf = z.get("largest_confusions", [])
+    if conf:
+        lines += ["", "Largest confusions of the pretrained model: " + "; ".join(conf) + "."]
     lines += ["", "Confusion matrix and per-class F1: [zeroshot_synthetic.md](zeroshot_synthetic.md)", "",
+              "Where the text 'tumor at 20x' matches on the held-out slide (scale: this slide's range of "
+              "cosine similarities; compare with the examples above):", "", "![heatmap](heatmap.png)", "",
               "## Retrieval on held-out captions (one patch per distinct caption)", ""]
     ret = r["retrieval"]
     lines += ["| direction | R@1 | R@5 | R@10 |", "|---|---|---|---|"]
