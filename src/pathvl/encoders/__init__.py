@@ -10,6 +10,7 @@ Example:
     >>> enc = build_vision("uni", weights="/path/to/pytorch_model.bin")  # doctest: +SKIP
 """
 
+from pathvl.encoders import vlm  # noqa: F401  (registers openclip:<dir> and hfclip:<dir>)
 from pathvl.encoders.registry import (
     EncoderEntry,
     build_text,

@@ -48,19 +48,21 @@ def load_tiles(data: str | Path, benchmark: str | None = None, split: str | None
 
 
 def tile_embeddings(lm: EvalModel, ds: TileDataset, *, encoder_weights: str | None = None,
-                    batch_size: int = 64, workers: int = 0) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+                    batch_size: int = 64, workers: int = 0, return_ids: bool = False) -> tuple:
     """Frozen features -> model image embeddings for every tile.
 
     Returns:
         ``(embeddings (N, E) normalised, labels (N,), colour histograms (N, 512))``; the histograms feed
-        the trivial baseline, so the tiles themselves need not be kept in memory.
+        the trivial baseline, so the tiles themselves need not be kept in memory. With ``return_ids`` a
+        fourth item: the file name of each tile (relative to the common folder), for prediction tables.
     """
     from pathvl.encoders import build_vision
 
     enc = build_vision(lm.features, weights=encoder_weights)
-    embs, labels, hists = [], [], []
+    embs, labels, hists, index = [], [], [], []
     with torch.no_grad():
-        for batch, y, _ in tile_loader(ds, batch_size=batch_size, num_workers=workers):
+        for batch, y, idx in tile_loader(ds, batch_size=batch_size, num_workers=workers):
+            index += [int(i) for i in idx]
             if isinstance(batch, list):  # tiles of mixed sizes: preprocess one by one
                 x = torch.cat([enc.preprocess_batch(torch.from_numpy(np.asarray(b))[None]) for b in batch])
                 hists.append(color_histogram_features([np.asarray(b) for b in batch]))
@@ -69,7 +71,20 @@ def tile_embeddings(lm: EvalModel, ds: TileDataset, *, encoder_weights: str | No
                 hists.append(color_histogram_features(batch.numpy()))
             embs.append(lm.model.encode_image(enc.encode(x)))
             labels.append(y.numpy())
-    return torch.cat(embs), np.concatenate(labels), np.concatenate(hists)
+    out = (torch.cat(embs), np.concatenate(labels), np.concatenate(hists))
+    return (*out, _tile_ids(ds, index)) if return_ids else out
+
+
+def _tile_ids(ds: TileDataset, index: list[int]) -> list[str]:
+    """Tile names for prediction tables: paths relative to the tiles' common folder."""
+    import os
+
+    paths = [ds.paths[i] for i in index]
+    try:
+        common = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else None
+    except ValueError:
+        common = None
+    return [str(p.relative_to(common)) if common is not None else str(p) for p in paths]
 
 
 def histogram_baseline(hists: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -130,9 +145,10 @@ def zeroshot_tiles(checkpoint: str | Path, data: str | Path, *, prompts: str | N
         prompts = get_benchmark(benchmark).prompt_set
     ps = load_prompt_set(prompts, labels=ds.class_names)
     weights = build_class_weights(lm.encode_texts, ps)
-    emb, y, hists = tile_embeddings(lm, ds, encoder_weights=encoder_weights, batch_size=batch_size,
-                                     workers=workers)
-    report = zeroshot_report(emb, y, weights, ds.class_names, n_bootstrap=n_bootstrap)
+    emb, y, hists, ids = tile_embeddings(lm, ds, encoder_weights=encoder_weights, batch_size=batch_size,
+                                          workers=workers, return_ids=True)
+    report = zeroshot_report(emb, y, weights, ds.class_names, logit_scale=lm.logit_scale, n_bootstrap=n_bootstrap,
+                             ids=ids)
     report["model"] = {**lm.describe(), "prompts": ps.name}
     if baseline:
         report["baselines"] = {"colour histogram, leave-one-out nearest centroid (supervised)":
@@ -152,8 +168,10 @@ def linear_probe_tiles(checkpoint: str | Path, train: str | Path, test: str | Pa
     if tr.class_names != te.class_names:
         raise EvalError(f"train classes {tr.class_names} differ from test classes {te.class_names}")
     xtr, ytr, _ = tile_embeddings(lm, tr, encoder_weights=encoder_weights, batch_size=batch_size, workers=workers)
-    xte, yte, _ = tile_embeddings(lm, te, encoder_weights=encoder_weights, batch_size=batch_size, workers=workers)
-    report = linear_probe(xtr.numpy(), ytr, xte.numpy(), yte, class_names=tr.class_names, n_bootstrap=n_bootstrap)
+    xte, yte, _, ids = tile_embeddings(lm, te, encoder_weights=encoder_weights, batch_size=batch_size,
+                                       workers=workers, return_ids=True)
+    report = linear_probe(xtr.numpy(), ytr, xte.numpy(), yte, class_names=tr.class_names, n_bootstrap=n_bootstrap,
+                          ids=ids)
     report["model"] = lm.describe()
     return report
 
@@ -219,13 +237,16 @@ def zeroshot_slides(checkpoint: str | Path, dataset: str | Path, labels: str | P
 
     Tile models: MI-Zero top-j pooling of patch scores (Lu et al., "Visual language pretrained multiple
     instance zero-shot transfer", CVPR 2023), reported for every j. Slide models: the slide embedding
-    against the class prompt ensembles with the model's own similarity.
+    against the class prompt ensembles with the model's own similarity. AUROC in both is computed on
+    softmax(logit_scale * similarity) over the classes with the model's learned scale (CONCH's protocol,
+    :mod:`pathvl.eval.zeroshot`); per-slide predictions and probabilities go into ``predictions``.
     """
     from pathvl.data.dataset import Dataset
     from pathvl.data.tables import read_labels
     from pathvl.eval.metrics import classification_report
+    from pathvl.eval.report import prediction_records
     from pathvl.eval.slides import slide_scores
-    from pathvl.eval.zeroshot import load_prompt_set, topj_report
+    from pathvl.eval.zeroshot import load_prompt_set, softmax_scores, topj_report, zeroshot_protocol
 
     rows = list(read_labels(labels).items())
     known = set(Dataset(dataset).slide_ids())
@@ -237,11 +258,153 @@ def zeroshot_slides(checkpoint: str | Path, dataset: str | Path, labels: str | P
     y = np.asarray([classes.index(lab) for _, lab in rows])
     ev = load_for_eval(checkpoint)
     scores = slide_scores(ev, dataset, ps, [sid for sid, _ in rows], js=js)
+    sids = [sid for sid, _ in rows]
     if "slide" in scores:
-        s = scores["slide"]
-        rep = classification_report(y, s.argmax(1).numpy(), s.double().numpy(), class_names=classes,
-                                    n_bootstrap=n_bootstrap)
+        probs = softmax_scores(scores["slide"], ev.logit_scale)
+        pred = probs.argmax(1).numpy()
+        rep = classification_report(y, pred, probs.numpy(), class_names=classes, n_bootstrap=n_bootstrap)
+        rep["zeroshot"] = {"protocol": zeroshot_protocol(ev.logit_scale, "the model's slide-text similarity")}
+        rep["predictions"] = prediction_records(sids, y, pred, probs.numpy(), classes,
+                                                "softmax(logit_scale * slide-text similarity)")
     else:
-        rep = topj_report(scores, y, classes, n_bootstrap=n_bootstrap)
+        rep = topj_report(scores, y, classes, n_bootstrap=n_bootstrap, logit_scale=ev.logit_scale, ids=sids)
     rep["model"] = {**ev.describe(), "prompts": ps.name}
+    return rep
+
+
+# ------------------------------------------------------------------------------------------ prompt sets
+def summarise_prompt_sets(reports: dict[str, dict[str, Any]], source: str = "") -> dict[str, Any]:
+    """One report over several prompt sets, as MI-Zero reports (Lu et al., CVPR 2023).
+
+    ``metrics`` holds each metric's mean over the sets, ``metrics_std`` the (population) standard deviation,
+    ``metrics_median`` the median (MI-Zero's own summary) and ``per_prompt_set`` every set's metrics. Slide
+    reports of tile models get the same per j under ``topj``.
+
+    Args:
+        reports: ``{set key: report}``, classification reports or top-j reports (:func:`topj_report`).
+        source: The prompt file, for the record.
+    """
+    def spread(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+        out: dict[str, dict[str, float | None]] = {"metrics": {}, "metrics_std": {}, "metrics_median": {}}
+        for m in rows[0]:
+            vals = np.asarray([r[m] for r in rows if r.get(m) is not None], dtype=np.float64)
+            stats = (float(vals.mean()), float(vals.std()), float(np.median(vals))) if vals.size else (None,) * 3
+            for key, v in zip(out, stats):
+                out[key][m] = v
+        return out
+
+    first = next(iter(reports.values()))
+    keys = list(reports)
+    out: dict[str, Any] = {
+        "prompt_sets": {"file": source, "sets": len(keys), "keys": f"{keys[0]}..{keys[-1]}",
+                        "summary": f"metrics: mean over the {len(keys)} prompt sets; metrics_std: standard deviation "
+                                   "over the sets; metrics_median: their median (MI-Zero's summary); per_prompt_set: "
+                                   "each set's metrics"},
+    }
+    if isinstance(first.get("topj"), dict):
+        out["js"], out["num_slides"] = first["js"], first["num_slides"]
+        out["topj"] = {j: spread([r["topj"][j]["metrics"] for r in reports.values()]) for j in first["topj"]}
+        out["per_prompt_set"] = {k: {j: r["topj"][j]["metrics"] for j in r["topj"]} for k, r in reports.items()}
+        return out
+    out.update({k: first[k] for k in ("n", "num_classes", "class_names") if k in first})
+    out.update(spread([r["metrics"] for r in reports.values()]))
+    out["per_prompt_set"] = {k: r["metrics"] for k, r in reports.items()}
+    if "zeroshot" in first:
+        out["zeroshot"] = first["zeroshot"]
+    return out
+
+
+def zeroshot_tiles_prompt_sets(checkpoint: str | Path, data: str | Path, *, prompts: str | None = None,
+                               prompt_set: str = "all", benchmark: str | None = None, split: str | None = None,
+                               encoder_weights: str | None = None, batch_size: int = 64, workers: int = 0,
+                               n_bootstrap: int = 0, baseline: bool = True, skip_bad: bool = False) -> dict[str, Any]:
+    """Zero-shot tiles with one numbered prompt set of a file (``prompt_set="3"``) or every set (``"all"``).
+
+    The tiles are embedded once; each set gets its class weights and its report. With ``"all"`` the
+    report is :func:`summarise_prompt_sets` (mean, sd and median over the sets and every set's metrics),
+    MI-Zero's protocol; with one set it is :func:`zeroshot_tiles`'s report of that set. Other arguments
+    as :func:`zeroshot_tiles`.
+    """
+    from pathvl.eval.benchmarks import get_benchmark
+    from pathvl.eval.zeroshot import build_class_weights, load_prompt_sets, zeroshot_report
+
+    lm = load_checkpoint(checkpoint)
+    ds = load_tiles(data, benchmark, split, skip_bad)
+    if prompts is None:
+        if not benchmark:
+            raise EvalError("pass --prompts (a built-in prompt set or a JSON file) or --benchmark")
+        prompts = get_benchmark(benchmark).prompt_set
+    sets = load_prompt_sets(prompts, labels=ds.class_names, which=prompt_set)
+    weights = {k: build_class_weights(lm.encode_texts, ps) for k, ps in sets.items()}
+    emb, y, hists, ids = tile_embeddings(lm, ds, encoder_weights=encoder_weights, batch_size=batch_size,
+                                          workers=workers, return_ids=True)
+    single = prompt_set != "all"
+    reports = {k: zeroshot_report(emb, y, w, ds.class_names, logit_scale=lm.logit_scale, n_bootstrap=n_bootstrap,
+                                  ids=ids if single else None)
+               for k, w in weights.items()}
+    report = reports[prompt_set] if single else summarise_prompt_sets(reports, str(prompts))
+    names = [ps.name for ps in sets.values()]
+    report["model"] = {**lm.describe(), "prompts": names[0] if single else f"{names[0]} .. {names[-1]}",
+                       "prompt_set": prompt_set}
+    if baseline:
+        report["baselines"] = {"colour histogram, leave-one-out nearest centroid (supervised)":
+                               histogram_baseline(hists, y)}
+    return report
+
+
+def zeroshot_slides_prompt_sets(checkpoint: str | Path, dataset: str | Path, labels: str | Path, prompts: str, *,
+                                prompt_set: str = "all", js: tuple[int, ...] = (1, 5, 10, 50, 100),
+                                n_bootstrap: int = 0) -> dict[str, Any]:
+    """Slide-level zero-shot (:func:`zeroshot_slides`) with one numbered prompt set or every set.
+
+    Each slide's patches are embedded once and scored against every set's class weights (tile models:
+    MI-Zero top-j pooling per set); slide models embed each slide once. ``"all"`` reports as
+    :func:`summarise_prompt_sets`.
+    """
+    import torch.nn.functional as F
+
+    from pathvl.data.dataset import Dataset
+    from pathvl.data.tables import read_labels
+    from pathvl.eval.metrics import classification_report
+    from pathvl.eval.protocols import is_slide_model
+    from pathvl.eval.slides import embed_slides, slide_dataset
+    from pathvl.eval.zeroshot import build_class_weights, load_prompt_sets, softmax_scores, topj_pool, topj_report
+
+    rows = list(read_labels(labels).items())
+    known = set(Dataset(dataset).slide_ids())
+    missing = [sid for sid, _ in rows if sid not in known]
+    if missing:
+        raise EvalError(f"{labels}: slides not in {dataset}: {missing[:5]}")
+    classes = sorted({lab for _, lab in rows})
+    sets = load_prompt_sets(prompts, labels=classes, which=prompt_set)
+    y = np.asarray([classes.index(lab) for _, lab in rows])
+    sids = [sid for sid, _ in rows]
+    ev = load_for_eval(checkpoint)
+    weights = {k: build_class_weights(lambda t: ev.encode_texts(list(t)), ps) for k, ps in sets.items()}
+    single = prompt_set != "all"
+    reports: dict[str, dict[str, Any]] = {}
+    with torch.no_grad():
+        if is_slide_model(ev.model):
+            emb = embed_slides(ev, dataset, None, sids)["slide_emb"].to(ev.device)
+            for k, w in weights.items():
+                probs = softmax_scores(ev.model.similarity(emb, w.to(ev.device)).float().cpu(), ev.logit_scale)
+                reports[k] = classification_report(y, probs.argmax(1).numpy(), probs.numpy(), class_names=classes,
+                                                   n_bootstrap=n_bootstrap)
+        else:
+            ds = slide_dataset(ev, dataset, None, sids)
+            pooled: dict[str, dict[int, list[torch.Tensor]]] = {k: {j: [] for j in js} for k in weights}
+            for i in range(len(ds)):
+                feats = torch.from_numpy(ds[i]["features"]).to(ev.device)
+                pe = F.normalize(ev.model.encode_image(feats).float().cpu(), dim=-1)
+                for k, w in weights.items():
+                    for j, v in topj_pool(pe @ w.t(), js).items():
+                        pooled[k][j].append(v)
+            for k in weights:
+                scores = {j: torch.stack(v) for j, v in pooled[k].items()}
+                reports[k] = topj_report(scores, y, classes, n_bootstrap=n_bootstrap, logit_scale=ev.logit_scale,
+                                         ids=sids if single else None)
+    rep = reports[prompt_set] if single else summarise_prompt_sets(reports, str(prompts))
+    names = [ps.name for ps in sets.values()]
+    rep["model"] = {**ev.describe(), "prompts": names[0] if single else f"{names[0]} .. {names[-1]}",
+                    "prompt_set": prompt_set}
     return rep

@@ -9,6 +9,7 @@ the model was trained with need not exist on this machine.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,17 @@ class EvalModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def logit_scale(self) -> float | None:
+        """The model's learned contrastive scale as it multiplies cosines in training (``exp`` of its
+        ``logit_scale`` parameter, clamped at 100 like the families clamp it), or None when it has none.
+
+        Zero-shot scores are softmax(logit_scale * cosine) over the classes (CONCH's protocol)."""
+        raw = getattr(self.model, "logit_scale", None)
+        if not isinstance(raw, torch.Tensor) or raw.numel() != 1:
+            return None
+        return float(raw.detach().float().clamp(max=math.log(100.0)).exp())
+
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """``(T, E)`` L2-normalised text embeddings, on the CPU."""
@@ -93,7 +105,14 @@ def load_for_eval(path: str | Path, device: str | torch.device = "cpu", kind: st
     Raises:
         EvalError: Not a pathvl checkpoint, or a model of the wrong kind.
         CheckpointError: The weights do not fit the saved config.
+
+    A published VLM (an OpenCLIP folder or ``openclip:<model>:<weights>``, a Hugging Face CLIP folder such as
+    PLIP's) loads as a tile model too: :func:`pathvl.eval.baselines.load_baseline`.
     """
+    from pathvl.eval.baselines import baseline_kind, load_baseline
+
+    if baseline_kind(path) is not None:
+        return load_baseline(path, device=device, kind=kind)
     try:
         ckpt = find_checkpoint(path)
         meta = read_meta(ckpt)

@@ -11,6 +11,14 @@ Slides. Every patch of a slide is scored against the class weights; the slide sc
 the mean of its top-j patch scores (MI-Zero, Lu et al., "Visual Language Pretrained Multiple
 Instance Zero-Shot Transfer for Histopathology Images", CVPR 2023), for j in 1, 5, 10, 50, 100.
 
+AUROC (every report here): computed on ``softmax(logit_scale * cosine)`` over the classes, with the
+model's learned ``logit_scale`` (CONCH's protocol, Lu et al., Nature Medicine 2024); for two classes the
+AUROC of the class-1 probability, which ranks by the difference of the two cosines (never by the class-1
+cosine alone); for more, one-vs-rest and one-vs-one macro AUROC of the probabilities. Predictions (the
+argmax) are the same with or without the softmax. Each report states this in ``zeroshot.protocol`` and
+carries the per-tile (per-slide) predictions and class probabilities under ``predictions``, which
+:func:`pathvl.eval.report.write_report` writes to ``<name>_predictions.csv`` beside the JSON.
+
 Prompt files come in three formats, all read by :func:`load_prompt_set`:
 
 - pathvl's own (``src/pathvl/prompts/*.json``, see the README there)::
@@ -19,7 +27,10 @@ Prompt files come in three formats, all read by :func:`load_prompt_set`:
      "templates": ["a histology image of CLASSNAME.", ...]}
 
 - CONCH's published format: ``{"0": {"classnames": {"ADI": [...], ...}, "templates": [...]}}``
-  (one or more numbered prompt sets; ``index`` picks one);
+  (one or more numbered prompt sets; ``index`` picks one, :func:`load_prompt_sets` reads them all);
+- MI-Zero's (``src/prompts/*_prompts.json``): the same numbered layout, 50 sets, each naming every class
+  by one string (``"IDC": "carcinoma of the breast, ductal pattern"``), used whole as MI-Zero's
+  ``zero_shot_classifier`` uses it: its commas belong to the name and separate no synonyms;
 - quilt1m's ``en_classnames.json``: ``{"pcam": ["lymph node", ...], ...}``, one name per class in
   label order, without templates (``dataset`` picks the list; our default templates are used).
 """
@@ -40,9 +51,11 @@ import torch.nn.functional as F
 
 from pathvl.errors import UserError
 from pathvl.eval.metrics import classification_report
+from pathvl.eval.report import prediction_records
 
 __all__ = [
     "DEFAULT_JS",
+    "DEFAULT_LOGIT_SCALE",
     "DEFAULT_TEMPLATES",
     "PLACEHOLDER",
     "QUILT_CLASSNAMES",
@@ -51,17 +64,23 @@ __all__ = [
     "build_class_weights",
     "builtin_prompt_sets",
     "load_prompt_set",
+    "load_prompt_sets",
     "parse_prompt_set",
+    "prompt_set_keys",
     "slide_zeroshot",
     "slide_zeroshot_report",
+    "softmax_scores",
     "topj_pool",
     "topj_pool_batched",
     "topj_report",
     "zeroshot_classify",
+    "zeroshot_protocol",
     "zeroshot_report",
 ]
 
 PLACEHOLDER = "CLASSNAME"
+DEFAULT_LOGIT_SCALE = 100.0
+"""Scale used when a model has no learned ``logit_scale`` (CLIP's clamp of its learned scale)."""
 DEFAULT_JS: tuple[int, ...] = (1, 5, 10, 50, 100)
 QUILT_CLASSNAMES = "quilt1m_en_classnames"
 """Built-in name of quilt1m's ``eval/en_classnames.json`` (MIT), shipped in ``pathvl/prompts``."""
@@ -171,10 +190,29 @@ def _str_list(value: Any, what: str, source: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _classes(obj: Any, source: str) -> dict[str, tuple[str, ...]]:
+def _synonyms(value: Any, label: Any, source: str, one_name: bool = False) -> tuple[str, ...]:
+    if one_name and isinstance(value, str):  # MI-Zero: one class name per prompt set, commas included
+        if not value.strip():
+            raise PromptError(f"prompt file {source}: class {label!r} has an empty name")
+        return (value,)
+    return _str_list(value, f"synonyms of class {label!r}", source)
+
+
+def _classes(obj: Any, source: str, one_name: bool = False) -> dict[str, tuple[str, ...]]:
+    """Label -> synonyms; ``one_name``: a numbered set (MI-Zero's) may name a class by one string."""
     if not isinstance(obj, Mapping):
         raise PromptError(f"prompt file {source}: classes must map each label to a list of synonyms")
-    return {str(k): _str_list(v, f"synonyms of class {k!r}", source) for k, v in obj.items()}
+    return {str(k): _synonyms(v, k, source, one_name) for k, v in obj.items()}
+
+
+def prompt_set_keys(obj: Any) -> list[str] | None:
+    """The numbered prompt sets of a CONCH- or MI-Zero-style file in numeric order, or None for other formats."""
+    if not isinstance(obj, Mapping) or not obj:
+        return None
+    if not all(isinstance(v, Mapping) and "classnames" in v for v in obj.values()):
+        return None
+    keys = [str(k) for k in obj]
+    return sorted(keys, key=lambda k: (0, int(k), k) if k.isdigit() else (1, 0, k))
 
 
 def parse_prompt_set(
@@ -196,7 +234,7 @@ def parse_prompt_set(
         labels: For a quilt1m-style list: the dataset's labels in the same order as the names
             (default: the names themselves).
         templates: Templates replacing the file's (required for nothing; default for quilt1m).
-        index: Which numbered set of a CONCH-style file; default: the only one, or ``"0"``.
+        index: Which numbered set of a CONCH- or MI-Zero-style file; default: the only one, or ``"0"``.
     """
     stem = name or Path(source).stem
     if not isinstance(obj, Mapping) or not obj:
@@ -205,14 +243,14 @@ def parse_prompt_set(
         tpl = _str_list(obj.get("templates", ()), "templates", source) if templates is None else templates
         return PromptSet(name or str(obj.get("name", stem)), _classes(obj["classes"], source), tuple(tpl), source)
     values = list(obj.values())
-    if all(isinstance(v, Mapping) and "classnames" in v for v in values):  # CONCH
+    if all(isinstance(v, Mapping) and "classnames" in v for v in values):  # CONCH, MI-Zero
         keys = [str(k) for k in obj]
         key = index if index is not None else (keys[0] if len(keys) == 1 else "0")
         if key not in obj:
             raise PromptError(f"prompt file {source} has no prompt set {key!r} (sets: {keys})")
         entry = obj[key]
         tpl = _str_list(entry.get("templates", ()), "templates", source) if templates is None else templates
-        return PromptSet(stem, _classes(entry["classnames"], source), tuple(tpl), source)
+        return PromptSet(stem, _classes(entry["classnames"], source, one_name=True), tuple(tpl), source)
     if all(isinstance(v, list) for v in values):  # quilt1m class names
         if dataset is None:
             raise PromptError(
@@ -274,6 +312,66 @@ def load_prompt_set(
         FileNotFoundError: when ``source`` is neither a built-in name nor a file.
         ValueError: for a malformed file or labels that do not match (naming classes and file).
     """
+    obj, text_source = _read_prompt_file(source)
+    quilt_style = isinstance(obj, Mapping) and obj and all(isinstance(v, list) for v in obj.values())
+    prompt_set = parse_prompt_set(
+        obj,
+        source=text_source,
+        dataset=dataset,
+        labels=labels if quilt_style else None,
+        templates=templates,
+        index=index,
+    )
+    if labels is not None and not quilt_style:
+        prompt_set = prompt_set.for_labels(labels, allow_extra=allow_extra)
+    return prompt_set
+
+
+def load_prompt_sets(
+    source: str | os.PathLike[str],
+    labels: Sequence[str] | None = None,
+    allow_extra: bool = False,
+    dataset: str | None = None,
+    templates: Sequence[str] | None = None,
+    which: str = "all",
+) -> dict[str, PromptSet]:
+    """Every numbered prompt set of a file (MI-Zero's 50, CONCH's), or the one ``which`` names.
+
+    MI-Zero reports each set and their spread (Lu et al., CVPR 2023); a file of another format holds one
+    set, keyed ``"0"``. Arguments as :func:`load_prompt_set`.
+
+    Args:
+        which: ``"all"`` or the key of one set (``"3"``).
+
+    Returns:
+        ``{key: PromptSet}`` in numeric order, each named ``<file stem>[<key>]`` and checked against ``labels``.
+
+    Raises:
+        PromptError: No set ``which`` in the file (the keys are named), or a malformed set.
+    """
+    obj, text_source = _read_prompt_file(source)
+    keys = prompt_set_keys(obj)
+    which = str(which)
+    if keys is None:
+        if which not in ("all", "0"):
+            raise PromptError(f"prompt file {text_source} holds a single prompt set; --prompt-set {which} "
+                              "needs a file of numbered sets (MI-Zero's or CONCH's layout)")
+        return {"0": load_prompt_set(source, labels=labels, allow_extra=allow_extra, dataset=dataset,
+                                     templates=templates)}
+    if which != "all" and which not in keys:
+        shown = f"{keys[0]}..{keys[-1]}" if len(keys) > 5 else ", ".join(keys)
+        raise PromptError(f"prompt file {text_source} has no prompt set {which!r} ({len(keys)} sets: {shown}; "
+                          "or 'all')")
+    stem = Path(text_source).stem
+    out = {}
+    for key in keys if which == "all" else [which]:
+        ps = parse_prompt_set(obj, source=text_source, name=f"{stem}[{key}]", templates=templates, index=key)
+        out[key] = ps.for_labels(labels, allow_extra=allow_extra) if labels is not None else ps
+    return out
+
+
+def _read_prompt_file(source: str | os.PathLike[str]) -> tuple[Any, str]:
+    """The parsed JSON of a built-in prompt set or a file, and the path it came from."""
     text_source = os.fspath(source)
     path = Path(text_source)
     if path.suffix != ".json" and os.sep not in text_source and "/" not in text_source:
@@ -293,21 +391,9 @@ def load_prompt_set(
             raise FileNotFoundError(f"prompt file {path} does not exist")
         raw = path.read_text(encoding="utf-8")
     try:
-        obj = json.loads(raw)
+        return json.loads(raw), text_source
     except json.JSONDecodeError as err:
         raise PromptError(f"prompt file {text_source} is not valid JSON: {err}") from err
-    quilt_style = isinstance(obj, Mapping) and obj and all(isinstance(v, list) for v in obj.values())
-    prompt_set = parse_prompt_set(
-        obj,
-        source=text_source,
-        dataset=dataset,
-        labels=labels if quilt_style else None,
-        templates=templates,
-        index=index,
-    )
-    if labels is not None and not quilt_style:
-        prompt_set = prompt_set.for_labels(labels, allow_extra=allow_extra)
-    return prompt_set
 
 
 @torch.no_grad()
@@ -479,6 +565,26 @@ def slide_zeroshot(
     return out
 
 
+def softmax_scores(cosine: Any, logit_scale: float | None) -> torch.Tensor:
+    """``softmax(logit_scale * cosine)`` over the classes (rows), float64; ``None`` uses
+    :data:`DEFAULT_LOGIT_SCALE`."""
+    c = _as_float_tensor(cosine, "scores", 2).double()
+    scale = DEFAULT_LOGIT_SCALE if logit_scale is None else float(logit_scale)
+    return torch.softmax(scale * c, dim=-1)
+
+
+def zeroshot_protocol(logit_scale: float | None, what: str) -> dict[str, Any]:
+    """The scoring protocol a zero-shot report states (``what``: the similarity the scale multiplies)."""
+    return {
+        "scores": f"softmax(logit_scale * {what}) over the classes",
+        "logit_scale": DEFAULT_LOGIT_SCALE if logit_scale is None else float(logit_scale),
+        "logit_scale_source": "default (the model has none)" if logit_scale is None else "the model's learned scale",
+        "auroc": "two classes: AUROC of the class-1 probability; more: one-vs-rest and one-vs-one macro AUROC of "
+                 "the probabilities",
+        "reference": "CONCH (Lu et al., Nature Medicine 2024)",
+    }
+
+
 def zeroshot_report(
     image_emb: Any,
     y_true: Any,
@@ -487,6 +593,7 @@ def zeroshot_report(
     logit_scale: float | None = None,
     n_bootstrap: int = 0,
     seed: int = 0,
+    ids: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Classify tiles zero-shot and report every metric (:func:`classification_report`).
 
@@ -495,17 +602,26 @@ def zeroshot_report(
         y_true: True class indices (N,), in the order of ``class_weights``' rows.
         class_weights: Class weights (C, D).
         class_names: Name of each class.
-        logit_scale: AUROC on softmax(logit_scale * cosine) when given, else on cosine scores
-            (predictions are the same either way).
+        logit_scale: The model's learned scale (``exp`` of its log-scale, as trained); AUROC is computed on
+            softmax(logit_scale * cosine) (module docstring). None: :data:`DEFAULT_LOGIT_SCALE`.
         n_bootstrap: Bootstrap resamples for confidence intervals (0: none).
         seed: Bootstrap seed.
+        ids: A name per tile (e.g. its file) for the predictions table (default: the row number).
+
+    Returns:
+        The classification report, ``zeroshot`` (the protocol) and ``predictions`` (per tile: true and
+        predicted class and the class probabilities).
     """
-    pred, scores = zeroshot_classify(image_emb, class_weights, logit_scale)
-    report = classification_report(
-        np.asarray(y_true), pred.cpu().numpy(), scores.cpu().double().numpy(),
-        class_names=class_names, n_bootstrap=n_bootstrap, seed=seed,
-    )
-    report["zeroshot"] = {"logit_scale": logit_scale, "num_classes": len(class_names)}
+    _, cosine = zeroshot_classify(image_emb, class_weights)
+    probs = softmax_scores(cosine.cpu(), logit_scale)
+    pred = probs.argmax(1).numpy()
+    y = np.asarray(y_true)
+    report = classification_report(y, pred, probs.numpy(), class_names=class_names, n_bootstrap=n_bootstrap,
+                                   seed=seed)
+    report["zeroshot"] = {"logit_scale": zeroshot_protocol(logit_scale, "cosine")["logit_scale"],
+                          "num_classes": len(class_names), "protocol": zeroshot_protocol(logit_scale, "cosine")}
+    report["predictions"] = prediction_records(ids, y, pred, probs.numpy(), class_names,
+                                               "softmax(logit_scale * cosine)")
     return report
 
 
@@ -517,24 +633,35 @@ def slide_zeroshot_report(
     js: Sequence[int] = DEFAULT_JS,
     n_bootstrap: int = 0,
     seed: int = 0,
+    logit_scale: float | None = None,
+    ids: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """MI-Zero slide classification reported for every j: ``{"topj": {j: report}, "js": [...]}``.
 
-    Report every j, or fix j beforehand: choosing the best j on the test slides overstates results.
+    AUROC is computed on softmax(logit_scale * top-j mean cosine) (module docstring). Report every j, or
+    fix j beforehand: choosing the best j on the test slides overstates results.
     """
     out = slide_zeroshot(patch_embeddings, class_weights, js)
-    return topj_report({j: scores for j, (_, scores) in out.items()}, y_true, class_names, n_bootstrap, seed)
+    return topj_report({j: scores for j, (_, scores) in out.items()}, y_true, class_names, n_bootstrap, seed,
+                       logit_scale=logit_scale, ids=ids)
 
 
 def topj_report(scores: Mapping[int, torch.Tensor], y_true: Any, class_names: Sequence[str], n_bootstrap: int = 0,
-                seed: int = 0) -> dict[str, Any]:
-    """Reports of top-j pooled slide scores ``{j: (S, C)}``, one per j: ``{"topj": {j: report}, "js": [...]}``."""
+                seed: int = 0, logit_scale: float | None = None, ids: Sequence[str] | None = None) -> dict[str, Any]:
+    """Reports of top-j pooled slide cosines ``{j: (S, C)}``, one per j: ``{"topj": {j: report}, "js": [...]}``.
+
+    Each j's AUROC is computed on softmax(logit_scale * pooled cosine); each carries its per-slide
+    ``predictions``.
+    """
     y = np.asarray(y_true)
-    reports = {
-        str(j): classification_report(
-            y, s.argmax(1).cpu().numpy(), s.cpu().double().numpy(), class_names=class_names,
-            n_bootstrap=n_bootstrap, seed=seed,
-        )
-        for j, s in scores.items()
-    }
-    return {"js": [int(j) for j in scores], "num_slides": len(y), "topj": reports}
+    reports = {}
+    for j, s in scores.items():
+        probs = softmax_scores(s.cpu(), logit_scale)
+        pred = probs.argmax(1).numpy()
+        rep = classification_report(y, pred, probs.numpy(), class_names=class_names, n_bootstrap=n_bootstrap,
+                                    seed=seed)
+        rep["predictions"] = prediction_records(ids, y, pred, probs.numpy(), class_names,
+                                                f"softmax(logit_scale * top-{j} mean cosine)")
+        reports[str(j)] = rep
+    return {"js": [int(j) for j in scores], "num_slides": len(y), "topj": reports,
+            "zeroshot": {"protocol": zeroshot_protocol(logit_scale, "top-j mean cosine")}}
