@@ -11,7 +11,6 @@ import pytest
 from conftest import SHARED_DATA
 from PIL import Image
 
-from pathvl.synthetic import load_ground_truth, write_synthetic_slide
 from pathvl.slide.tissue import (
     TissueParams,
     detect_tissue,
@@ -20,6 +19,7 @@ from pathvl.slide.tissue import (
     save_overlay,
     tissue_overlay,
 )
+from pathvl.synthetic import load_ground_truth, write_synthetic_slide
 
 TILES = SHARED_DATA / "tiles/histolab"
 needs_tiles = pytest.mark.skipif(not TILES.is_dir(), reason=f"{TILES} not present")

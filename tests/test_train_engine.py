@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _train_worker as toy
 
+from pathvl.config import ConfigError
 from pathvl.data.checkpoint import (
     LATEST,
     CheckpointError,
@@ -26,7 +27,6 @@ from pathvl.data.checkpoint import (
     load_trainer_state,
     split_shared_tensors,
 )
-from pathvl.config import ConfigError
 from pathvl.data.loader import StepLoader
 from pathvl.eval.loading import load_for_eval
 from pathvl.train.engine import (

@@ -315,8 +315,8 @@ ZEROSHOT_EXAMPLE = """example:
   pathvl zeroshot --checkpoint runs/mrplip --dataset data/grid --slide-labels labels.csv --prompts crc
   pathvl zeroshot --list                                   # benchmarks and built-in prompt sets
   pathvl zeroshot --checkpoint ~/models/QuiltNet-B-32 --data tiles/ --prompts crc    # a published VLM baseline
-  pathvl zeroshot --checkpoint runs/mrplip --dataset data/grid --slide-labels labels.csv \
-                  --prompts brca_prompts.json --prompt-set all     # MI-Zero's 50 sets: each, and mean +- sd
+  pathvl zeroshot --checkpoint runs/mrplip --dataset data/grid --slide-labels labels.csv --prompts brca.json \\
+                  --prompt-set all     # MI-Zero's 50 prompt sets: each set, and the mean +- sd over sets
 slide level (--dataset + --slide-labels): MR-PLIP uses MI-Zero top-j pooling of patch scores (every j is
 reported); PathFLIP and PathAlign score their slide embeddings.
 --checkpoint also takes a published VLM: an OpenCLIP folder (open_clip_config.json + open_clip_pytorch_model.bin,
@@ -345,7 +345,7 @@ def _add_zeroshot(sub) -> None:
                    help="built-in prompt set or JSON file (ours, CONCH's, MI-Zero's or quilt1m's class names)")
     p.add_argument("--prompt-set", default=None, metavar="I|all",
                    help="a file of numbered prompt sets (MI-Zero's 50, CONCH's): use set I, or every set and report "
-                        "each with the mean +- sd over sets (default: set 0)")
+                        "each with the mean +- sd over sets (without it: set 0)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
     p.add_argument("--dataset", default=None, help="slide level: an embedded dataset folder")
     p.add_argument("--slide-labels", default=None, help="slide level: CSV of slide_id,label")

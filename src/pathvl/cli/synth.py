@@ -51,7 +51,7 @@ def register(sub) -> None:
     p = sub.add_parser("synthetic", help="generate slides with known tissue, their texts and labels",
                        description="Write pyramidal synthetic slides (Aperio-style SVS that OpenSlide reads) with "
                                    "ground-truth class maps beside them, a texts.csv (one caption per slide, from "
-                                   "the ground truth) and a labels.csv (tumor or no-tumor: whether the slide has tumor), to try every command "
+                                   "the ground truth) and a labels.csv (tumor or no-tumor), to try every command "
                                    "without data of your own.", epilog=EXAMPLE, formatter_class=_Formatter)
     p.add_argument("out", help="folder to write (created)")
     p.add_argument("--slides", type=int, default=4, help="how many slides")
