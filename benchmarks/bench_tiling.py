@@ -28,6 +28,10 @@ Slides: the real CMU-1-Small-Region.svs (20x, one level; 5/10/20x with ``--above
 square, levels at downsample 1/4/16/64), cached under ``--work``. The whole ``pathvl tile
 --store-pixels`` command is also timed on each generated slide (wall time and peak RSS).
 
+``--peers`` (issue 17) compares pathvl with hs2p (PyPI ``hs2p``, "optimized slide tiling") instead, on the
+spec of the issue (full 20x grid of 256 px patches): tissue + coordinates, and reading the patches' pixels,
+each tool in fresh processes alternated run by run, medians; see :func:`peers`.
+
 Run ``python benchmarks/bench_tiling.py --help``; see benchmarks/README.md.
 """
 
@@ -287,6 +291,260 @@ def time_tile_cli(slide: Path, work: Path, store_pixels: bool = True) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------------ peers (issue 17)
+#: Tissue + coordinates: ``hs2p`` = ``hs2p.tile_slide`` (its defaults: HSV segmentation at the level nearest
+#: downsample 64); ``pathvl`` = what ``pathvl tile`` runs today (a thumbnail of ``thumbnail_px``, 8 um/px up
+#: to 2048 px, then detect_tissue, plan_slide and the tissue fractions of the patch table); ``pathvl-level`` =
+#: the same with ``Slide.thumbnail(n, min_size=n // 2)`` (a whole pyramid level within 2x of the thumbnail,
+#: read as it is); ``pathvl-plain`` = the plain paths (OpenSlide's get_thumbnail, the median filter over the
+#: whole thumbnail): the previous method, the reference for mask IoU and patch-set Jaccard.
+TISSUE_VARIANTS = ("hs2p", "pathvl", "pathvl-level", "pathvl-plain")
+#: Reading every patch of the same coordinates (hs2p's): ``hs2p`` = its streaming reader
+#: (``iter_tile_arrays_from_result``: grouped region reads, tiles at the read level, not resized);
+#: ``pathvl`` = ``BagReader.read`` per patch (256 px, as ``pathvl embed`` reads a full grid);
+#: ``pathvl-nocache`` = the same with the tile cache off (every tile a patch touches decoded again).
+READ_VARIANTS = ("hs2p", "pathvl", "pathvl-nocache")
+PEER_SPEC = {"mags": (20.0,), "patch_px": 256, "parents": None, "min_tissue": 0.5}
+
+
+def _hs2p_tile(path: Path):
+    from hs2p import SegmentationConfig, SlideSpec, TilingConfig, tile_slide
+
+    return tile_slide(SlideSpec(sample_id=path.stem, image_path=path),
+                      tiling=TilingConfig(requested_spacing_um=0.5, requested_tile_size_px=256, tolerance=0.05,
+                                          overlap=0.0),
+                      segmentation=SegmentationConfig(method="hsv"))
+
+
+def peer_tissue_child(job: dict) -> dict:
+    """One tool's tissue + coordinates on one slide, in this fresh process; saves mask and coordinates."""
+    path, variant = Path(job["path"]), job["variant"]
+    t0 = time.perf_counter()
+    if variant == "hs2p":
+        import hs2p  # noqa: F401
+    else:
+        from pathvl.data.tiler import thumbnail_px
+        from pathvl.slide.reader import open_slide
+        from pathvl.slide.tiling import IntegralMask, TileSpec, plan_slide
+        from pathvl.slide.tissue import TissueParams, detect_tissue
+    imports = time.perf_counter() - t0
+    rss_imports = vm_mib()
+    t, c = time.perf_counter(), time.process_time()
+    if variant == "hs2p":
+        r = _hs2p_tile(path)
+        coords, mask, ds = np.stack([r.x, r.y], axis=1).astype(np.int64), None, None
+        extra = {"backend": str(r.backend), "seg_level": int(r.seg_level)}
+    else:
+        with open_slide(path) as slide:
+            mpp = slide.require_mpp()
+            n = thumbnail_px(slide.dimensions, mpp)
+            if variant == "pathvl-plain":
+                thumb, ds = slide.thumbnail(n, direct=False)
+                params = TissueParams(threshold_samples=None)
+            else:
+                thumb, ds = slide.thumbnail(n, min_size=n // 2 if variant == "pathvl-level" else None)
+                params = TissueParams()
+            mask = detect_tissue(thumb, params, mpp=mpp * ds)
+            imask = IntegralMask(mask, ds)
+            plan = plan_slide(TileSpec(**PEER_SPEC), slide.slide_id, slide.dimensions, mpp, imask)
+            table = plan.all_patches()
+            imask.fraction(table["coords"][:, 0], table["coords"][:, 1], plan.root_footprint)
+            coords = plan.roots
+            extra = {"thumbnail_px": list(thumb.shape[:2])}
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    np.savez(job["out"], coords=coords, mask=np.zeros((0, 0), bool) if mask is None else mask,
+             ds=np.float64(ds or 0))
+    return {"variant": variant, "wall_s": wall, "cpu_s": cpu, "process_s": time.perf_counter() - t0,
+            "imports_s": imports, "rss_imports_mib": rss_imports, "peak_rss_mib": vm_mib("VmHWM"),
+            "patches": len(coords), "load1": load1(), **extra}
+
+
+def peer_read_child(job: dict) -> dict:
+    """One tool reading every patch of the same coordinates (hs2p's, the first ``max_patches``)."""
+    path, variant = Path(job["path"]), job["variant"]
+    coords = np.load(job["coords"])["coords"][: job["max_patches"]]
+    if variant == "hs2p":
+        import dataclasses
+
+        from hs2p.wsi.streaming.stream import iter_tile_arrays_from_result
+
+        r = _hs2p_tile(path)  # not timed: only for its result object
+        k = len(coords)
+        tiles = dataclasses.replace(r.tiles, x=r.tiles.x[:k], y=r.tiles.y[:k],
+                                    tissue_fractions=r.tiles.tissue_fractions[:k], tile_index=None)
+        r = dataclasses.replace(r, tiles=tiles)
+        rss0 = vm_mib()
+        t, c = time.perf_counter(), time.process_time()
+        n, shape = 0, None
+        for arr in iter_tile_arrays_from_result(result=r):
+            n, shape = n + 1, arr.shape
+        decoded = None
+    else:
+        from pathvl.slide.bags import BagReader
+        from pathvl.slide.reader import open_slide
+        from pathvl.slide.tiling import TileSpec, plan_from_dataset
+
+        rss0 = vm_mib()
+        t, c = time.perf_counter(), time.process_time()
+        slide = open_slide(path)
+        plan = plan_from_dataset(TileSpec(**PEER_SPEC), slide.require_mpp(), (20.0,), coords)
+        reader = BagReader(slide, plan)
+        if variant == "pathvl-nocache":
+            reader.tiff.cache.max_bytes = 0
+        n, shape = 0, None
+        for root in plan.roots:
+            shape = reader.read(root).shape[1:]
+            n += 1
+        decoded = sum(reader.tiff.decoded.values()) if reader.tiff is not None else None
+        slide.close()
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    return {"variant": variant, "wall_s": wall, "cpu_s": cpu, "patches": n, "patch_shape": list(shape),
+            "patches_per_s": n / wall, "rss_start_mib": rss0, "peak_rss_mib": vm_mib("VmHWM"),
+            "tiles_decoded": decoded, "load1": load1()}
+
+
+def _run_json(flag: str, job: dict) -> dict:
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), flag, json.dumps(job)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{flag} failed ({job}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def _agreement(work: Path, key: str, path: Path) -> dict:
+    """Masks and patch sets of the pathvl variants against the previous method and the ground truth."""
+    from PIL import Image
+
+    ref = np.load(work / f"{key}-pathvl-plain.npz")
+    try:
+        from pathvl.synthetic import load_ground_truth
+
+        gt = load_ground_truth(path)
+    except Exception:  # the real slide has no ground truth
+        gt = None
+    ref_roots = set(map(tuple, ref["coords"].tolist()))
+    out = {}
+    for v in ("pathvl", "pathvl-level", "pathvl-plain"):
+        d = np.load(work / f"{key}-{v}.npz")
+        m = d["mask"]
+        up = np.asarray(Image.fromarray(m).resize(ref["mask"].shape[::-1], Image.Resampling.NEAREST))
+        roots = set(map(tuple, d["coords"].tolist()))
+        out[v] = {
+            "mask_px": list(m.shape), "iou_previous": _iou(up, ref["mask"]),
+            "jaccard_previous": len(roots & ref_roots) / max(len(roots | ref_roots), 1),
+            "iou_truth": None if gt is None else _iou(m, gt.tissue_mask((m.shape[1], m.shape[0]))),
+        }
+    return out
+
+
+def peers(work: Path, cmu: Path | None, sizes: list[int], repeat: int, read_max: int) -> dict:
+    """pathvl against hs2p on CMU and generated 40x slides of ``sizes`` px: tissue + coordinates, then
+    reads of hs2p's coordinates (all of them on CMU and the smallest slide, the first ``read_max`` else).
+
+    Each measurement is a fresh process; the variants alternate within each of ``repeat`` rounds so that
+    a load change hits them alike; medians are reported, with each ratio's min-max over the rounds.
+    """
+    slides = ([("CMU-1-Small-Region", cmu)] if cmu is not None and cmu.exists() else []) + [
+        (f"synthetic-{size // 1000}k", synthetic_slide(work, size)) for size in sizes]
+    out = {"tissue": [], "reads": []}
+    for key, path in slides:
+        runs: dict[str, list[dict]] = {v: [] for v in TISSUE_VARIANTS}
+        for rep in range(repeat):
+            for v in TISSUE_VARIANTS:
+                r = _run_json("--peer-tissue", {"path": str(path), "variant": v, "out": str(work / f"{key}-{v}.npz")})
+                runs[v].append(r)
+                print(f"  tissue {key} {v:<13} run {rep + 1}: {r['wall_s']:.3f} s (cpu {r['cpu_s']:.3f}), "
+                      f"peak {r['peak_rss_mib']:.0f} MiB, {r['patches']} patches, load {r['load1']}", flush=True)
+        out["tissue"].append({"slide": key, "path": str(path), "runs": runs, "agreement": _agreement(work, key, path)})
+    smallest = f"synthetic-{min(sizes) // 1000}k" if sizes else ""
+    for key, path in slides:
+        limit = 10**9 if key.startswith("CMU") or key == smallest else read_max
+        runs = {v: [] for v in READ_VARIANTS}
+        for rep in range(repeat):
+            for v in READ_VARIANTS:
+                r = _run_json("--peer-read", {"path": str(path), "variant": v, "max_patches": limit,
+                                              "coords": str(work / f"{key}-hs2p.npz")})
+                runs[v].append(r)
+                print(f"  read {key} {v:<15} run {rep + 1}: {r['patches']} patches in {r['wall_s']:.3f} s "
+                      f"(cpu {r['cpu_s']:.3f}), decoded {r['tiles_decoded']}, peak {r['peak_rss_mib']:.0f} MiB, "
+                      f"load {r['load1']}", flush=True)
+        out["reads"].append({"slide": key, "runs": runs})
+    return out
+
+
+def _ratio(runs: dict, a: str, b: str, field: str) -> str:
+    """Median of the per-round ratios a/b, with their min-max."""
+    rs = [x[field] / y[field] for x, y in zip(runs[a], runs[b])]
+    return f"{np.median(rs):.2f} ({min(rs):.2f}-{max(rs):.2f})"
+
+
+def _med(runs: list[dict], field: str) -> float:
+    return float(np.median([r[field] for r in runs]))
+
+
+def _loads(runs: list[dict]) -> str:
+    return f"{min(r['load1'] for r in runs):.1f}-{max(r['load1'] for r in runs):.1f}"
+
+
+def peers_markdown(res: dict) -> str:
+    lines = ["Tissue + coordinates (full 20x grid of 256 px; medians of fresh processes; ratios per round, "
+             "median (min-max)):", "",
+             "| slide | variant | patches | call s | call CPU s | process s | peak RSS MiB | time / hs2p "
+             "| CPU / hs2p | RSS / hs2p | load1 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for case in res["tissue"]:
+        runs = case["runs"]
+        for v, rs in runs.items():
+            lines.append(
+                f"| {case['slide']} | {v} | {rs[0]['patches']} | {_med(rs, 'wall_s'):.3f} | {_med(rs, 'cpu_s'):.3f} "
+                f"| {_med(rs, 'process_s'):.2f} | {max(r['peak_rss_mib'] for r in rs):.0f} "
+                f"| {_ratio(runs, v, 'hs2p', 'wall_s')} | {_ratio(runs, v, 'hs2p', 'cpu_s')} "
+                f"| {_ratio(runs, v, 'hs2p', 'peak_rss_mib')} | {_loads(rs)} |")
+    lines += ["", "Agreement with the previous method (`pathvl-plain`) and the generator's ground truth:", "",
+              "| slide | variant | mask px | mask IoU vs previous | patch-set Jaccard vs previous "
+              "| mask IoU vs truth |", "|---|---|---|---|---|---|"]
+    for case in res["tissue"]:
+        for v, a in case["agreement"].items():
+            truth = "" if a["iou_truth"] is None else f"{a['iou_truth']:.4f}"
+            lines.append(f"| {case['slide']} | {v} | {a['mask_px'][0]}x{a['mask_px'][1]} | {a['iou_previous']:.4f} "
+                         f"| {a['jaccard_previous']:.4f} | {truth} |")
+    lines += ["", "Reading the patches of hs2p's coordinates:", "",
+              "| slide | variant | patches | output px | s | patches/s | CPU s | tiles decoded | peak RSS MiB "
+              "| time / hs2p | RSS / hs2p | load1 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for case in res["reads"]:
+        runs = case["runs"]
+        for v, rs in runs.items():
+            lines.append(
+                f"| {case['slide']} | {v} | {rs[0]['patches']} | {rs[0]['patch_shape'][0]} | {_med(rs, 'wall_s'):.3f} "
+                f"| {_med(rs, 'patches_per_s'):.0f} | {_med(rs, 'cpu_s'):.3f} | {rs[0]['tiles_decoded'] or ''} "
+                f"| {max(r['peak_rss_mib'] for r in rs):.0f} | {_ratio(runs, v, 'hs2p', 'wall_s')} "
+                f"| {_ratio(runs, v, 'hs2p', 'peak_rss_mib')} | {_loads(rs)} |")
+    return "\n".join(lines)
+
+
+def peers_main(a: argparse.Namespace) -> int:
+    import hs2p
+
+    a.work.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    env["hs2p"] = hs2p.__version__
+    print(f"{env['cpu']}, {env['cores']} cores, load {loadavg()}", flush=True)
+    res = {"environment": env, **peers(a.work, a.cmu, a.peer_sizes, a.repeat, a.read_max)}
+    env["load_end"] = loadavg()
+    md = (f"Date {env['date']}; {env['cpu']}, {env['cores']} cores; hs2p {env['hs2p']}, OpenSlide "
+          f"{env['openslide']}, Pillow {env['pillow']}; git {env['git']}; load {env['load_end']} at the end.\n"
+          f"Command: `{env['command']}`\n\n" + peers_markdown(res))
+    print()
+    print(md)
+    out = a.json or a.work / "bench_tiling_peers.json"
+    out.write_text(json.dumps({**res, "markdown": md}, indent=1))
+    print(f"\nresults: {out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ report
 def markdown(results: dict) -> str:
     env = results["environment"]
@@ -348,7 +606,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-bags", type=int, default=40, help="... but no more than this many bags")
     ap.add_argument("--no-tile-cli", action="store_true", help="skip timing the whole `pathvl tile` command")
     ap.add_argument("--json", type=Path, default=None, help="results file (default WORK/bench_tiling.json)")
+    ap.add_argument("--peers", action="store_true",
+                    help="issue 17: pathvl against hs2p (tissue + coordinates, reads) instead of the bag modes")
+    ap.add_argument("--peer-sizes", type=int, nargs="*", default=[20000, 60000, 100000],
+                    help="with --peers: sides in px of the generated 40x slides")
+    ap.add_argument("--read-max", type=int, default=1000,
+                    help="with --peers: patches read on the generated slides after the smallest one")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--peer-tissue", help=argparse.SUPPRESS)
+    ap.add_argument("--peer-read", help=argparse.SUPPRESS)
     ap.add_argument("--tile-child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -357,6 +623,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.tile_child:
         print(json.dumps(tile_child(json.loads(a.tile_child))))
         return 0
+    if a.peer_tissue:
+        print(json.dumps(peer_tissue_child(json.loads(a.peer_tissue))))
+        return 0
+    if a.peer_read:
+        print(json.dumps(peer_read_child(json.loads(a.peer_read))))
+        return 0
+    if a.peers:
+        return peers_main(a)
 
     a.work.mkdir(parents=True, exist_ok=True)
     results = {"environment": environment(), "cases": [], "tile_cli": []}

@@ -112,7 +112,7 @@ def test_pen_hue_table_matches_hsv_off_the_range_edges():
     assert np.array_equal(mine[~edge], ref[~edge])
 
 
-@pytest.mark.parametrize("size", [2, 3, 4, 5, 7])
+@pytest.mark.parametrize("size", [2, 3, 4, 5, 6, 7, 8, 9])
 def test_square_morphology_equals_scipy(size):
     m = np.random.default_rng(size).random((61, 47)) > 0.6
     u = m.view(np.uint8)
@@ -205,6 +205,17 @@ def test_thumbnail_direct_against_get_thumbnail(big):
     for name in ("fast", "level"):
         jac = len(roots[name] & roots["plain"]) / len(roots[name] | roots["plain"])
         assert jac >= LEVEL_JACCARD, (name, jac)
+
+
+def test_small_level_thumbnail_same_through_the_slide_reader(big):
+    """A small whole level is painted by OpenSlide while the TIFF is not open, decoded directly after."""
+    with open_slide(big.path) as slide:
+        first, ds1 = slide.thumbnail(512, min_size=256)
+        assert slide._tiff is None
+        slide.tiff_levels()
+        second, ds2 = slide.thumbnail(512, min_size=256)
+        np.testing.assert_array_equal(first, second)
+        assert ds1 == ds2
 
 
 def test_thumbnail_of_cmu_single_level():

@@ -171,6 +171,11 @@ class Slide:
     def _level_thumbnail(self, lo: int, hi: int) -> np.ndarray | None:
         """The coarsest level (or DCT scale of one) whose long side is within ``[lo, hi]``, read whole, or
         ``None`` when there is none."""
+        small = [i for i, (lw, lh) in enumerate(self.level_dimensions) if lo <= max(lw, lh) <= hi
+                 and lw * lh <= _SMALL_LEVEL_PX]
+        if small and self._tiff is None:  # the slide reader paints a small level as fast as it is decoded
+            level = small[-1]            # directly, without opening the TIFF for it
+            return self.read_region((0, 0), level, self.level_dimensions[level])
         tiff = self.tiff_levels() if self.backend == "openslide" else None
         options = []  # (level pixels to decode, -output pixels, level, scale)
         for level, (lw, lh) in enumerate(self.level_dimensions):
@@ -203,11 +208,15 @@ class Slide:
             if self.level_downsamples[level] * cand <= want * (1 + 1e-9) and lw // cand >= size[0] \
                     and lh // cand >= size[1]:
                 s = max(s, cand)
-        mosaic = self._tiff.read(level, 0, 0, -(-lw // s), -(-lh // s), scale=s, cache=False)
-        if mosaic.shape[1::-1] == size:
-            return mosaic
-        img = Image.fromarray(mosaic)
-        del mosaic
+        mw, mh = -(-lw // s), -(-lh // s)
+        if (mw, mh) == size:
+            return self._tiff.read(level, 0, 0, mw, mh, scale=s, cache=False)
+        # decoded band by band (one row of tiles) straight into the image to resize: no second full copy
+        img = Image.new("RGB", (mw, mh))
+        band = self._tiff.levels[level]["th"] // s
+        for y in range(0, mh, band):
+            img.paste(Image.fromarray(self._tiff.read(level, 0, y, mw, min(band, mh - y), scale=s, cache=False)),
+                      (0, y))
         # the box is the level itself: at scale s its last pixel row/column may be partly outside
         return np.asarray(img.resize(size, Image.Resampling.LANCZOS, box=(0, 0, lw / s, lh / s), reducing_gap=2.0))
 
@@ -306,6 +315,10 @@ DCT_CHECK_MEAN_ABS = 3.0
 
 #: DCT scale factors libjpeg offers for a reduced decode (1/2, 1/4, 1/8).
 DCT_SCALES = (2, 4, 8)
+
+#: A whole level up to this many pixels is read for a thumbnail through the slide reader when the TIFF is
+#: not open yet (OpenSlide paints 0.3 Mpx in about 3 ms; opening the TIFF costs more than that).
+_SMALL_LEVEL_PX = 2**19
 
 #: Default bound of a :class:`TiffLevels` tile cache in bytes of decoded pixels.
 TILE_CACHE_BYTES = 64 * 2**20
@@ -433,13 +446,20 @@ class TiffLevels:
             if (pg.samplesperpixel != 3 or pg.bitspersample != 8 or pg.planarconfig != 1 or pg.imagedepth != 1
                     or int(pg.photometric) not in (2, 6)):  # contiguous 8-bit RGB or YCbCr
                 return None
+            jpeg = int(pg.compression) == _JPEG
+            from tifffile.tifffile import jpeg_decode_colorspace
+
             return {
                 "width": w, "height": h, "tw": pg.tilewidth, "th": pg.tilelength,
                 "across": -(-w // pg.tilewidth),
                 "offsets": np.asarray(pg.dataoffsets, dtype=np.int64),
                 "counts": np.asarray(pg.databytecounts, dtype=np.int64),
-                "tables": pg.jpegtables, "decode": pg.decode,
-                "jpeg": int(pg.compression) == _JPEG, "rgb": int(pg.photometric) == 2, "scales": (1,),
+                "tables": pg.jpegtables, "jpeg": jpeg, "scales": (1,),
+                # JPEG: decoded here with the colour spaces tifffile would pass, without keeping the page
+                # (whose tile tables, as Python tuples, are several times the size of these arrays)
+                "decode": None if jpeg else pg.decode,
+                "colorspaces": jpeg_decode_colorspace(pg.photometric, pg.planarconfig, pg.extrasamples,
+                                                      pg.is_jfif) if jpeg else None,
             }
         return None
 
@@ -486,13 +506,16 @@ class TiffLevels:
         info = self._pages[level]
         slide = self._slide
         tw, th = info["tw"], info["th"]
-        # a tile near the middle of the level (tissue is likelier there than at the corner)
-        lx = min(info["width"] // 2 // tw * tw, max(0, info["width"] - tw))
-        ly = min(info["height"] // 2 // th * th, max(0, info["height"] - th))
+        # a tile near the middle of the level (tissue is likelier there than at the corner), whose corner
+        # is a level-0 pixel (the slide reader shifts fractional positions); else the first tile, which
+        # still tells a wrong colour space (glass decoded as YCbCr-for-RGB is pink)
         d = slide.level_downsamples[level]
+        mid = (min(info["width"] // 2 // tw * tw, max(0, info["width"] - tw)),
+               min(info["height"] // 2 // th * th, max(0, info["height"] - th)))
+        lx, ly = next(((x, y) for x, y in (mid, (0, 0))
+                       if math.isclose(round(x * d) / d, x, abs_tol=1e-6)
+                       and math.isclose(round(y * d) / d, y, abs_tol=1e-6)), (0, 0))
         x0, y0 = round(lx * d), round(ly * d)
-        if not (math.isclose(x0 / d, lx, abs_tol=1e-6) and math.isclose(y0 / d, ly, abs_tol=1e-6)):
-            return False
         self.levels[level] = info  # read() needs it; removed again below when the check fails
         try:
             mine = self.read(level, lx, ly, tw, th, cache=False)
@@ -531,12 +554,18 @@ class TiffLevels:
         data = os.pread(fd, int(info["counts"][i]), int(info["offsets"][i]))
         self.decoded[level] = self.decoded.get(level, 0) + 1
         if scale == 1:
+            if info["decode"] is None:
+                import imagecodecs
+
+                colorspace, outcolorspace = info["colorspaces"]
+                return imagecodecs.jpeg_decode(data, bitspersample=8, tables=info["tables"], colorspace=colorspace,
+                                               outcolorspace=outcolorspace, shape=(info["th"], info["tw"]))[..., :3]
             tile, _, _ = info["decode"](data, i, jpegtables=info["tables"])
             return tile.reshape(tile.shape[-3:])[..., :3]
         tables = info["tables"]
         if tables:  # an abbreviated stream: splice the shared tables in (their EOI, the tile's SOI dropped)
             data = tables[:-2] + data[2:]
-        if info["rgb"] and b"JFIF" not in data[:64]:
+        if info["colorspaces"] and info["colorspaces"][0] == 2:  # RGB components, as tifffile decodes them
             data = data[:2] + _ADOBE_RGB + data[2:]
         tw, th = info["tw"] // scale, info["th"] // scale
         with Image.open(io.BytesIO(data)) as img:

@@ -206,19 +206,30 @@ def _box_count(m: np.ndarray, size: int) -> np.ndarray:
 
 def _window_run(m: np.ndarray, size: int, axis: int, op: str) -> np.ndarray:
     """OR (``dilate``, zeros outside) or AND (``erode``, edges replicated) over the window of ``size``
-    along ``axis`` that scipy.ndimage's filters use (``size // 2`` before the pixel)."""
+    along ``axis`` that scipy.ndimage's filters use (``size // 2`` before the pixel), by doubling: a run of
+    ``2w`` is two runs of ``w``, so a window of 7 takes 3 operations instead of 6."""
     lo = size // 2
     hi = size - 1 - lo
     pad = [(0, 0), (0, 0)]
     pad[axis] = (lo, hi)
     p = np.pad(m, pad, mode="constant", constant_values=False) if op == "dilate" else np.pad(m, pad, mode="edge")
-    n = m.shape[axis]
-    take = (lambda j: p[j:j + n]) if axis == 0 else (lambda j: p[:, j:j + n])
-    out = take(0).copy()
     f = np.logical_or if op == "dilate" else np.logical_and
-    for j in range(1, size):
-        f(out, take(j), out=out)
-    return out
+    n = p.shape[axis]
+
+    def shift(a: np.ndarray, j: int) -> np.ndarray:  # a[j:] along the axis
+        return a[j:] if axis == 0 else a[:, j:]
+
+    def head(a: np.ndarray, k: int) -> np.ndarray:  # a[:k] along the axis
+        return a[:k] if axis == 0 else a[:, :k]
+
+    run, width = p, 1  # run[i] combines p[i .. i + width - 1]
+    while 2 * width <= size:
+        k = n - 2 * width + 1
+        run, width = f(head(run, k), head(shift(run, width), k)), 2 * width
+    if width < size:  # the rest: one more run, overlapping
+        k = n - size + 1
+        run = f(head(run, k), head(shift(run, size - width), k))
+    return np.ascontiguousarray(head(run, m.shape[axis]))
 
 
 def _square(mask: np.ndarray, size: int, op: str) -> np.ndarray:
