@@ -208,6 +208,50 @@ def test_spec_mismatch_refused(tmp_path, slides):
     assert rc == 2
 
 
+def test_overwrite_retiles_with_another_spec(tmp_path, slides):
+    """--overwrite rewrites a dataset tiled with another spec (issue 15); each file is swapped in whole."""
+    out = tmp_path / "ds"
+    tile_slides([slides["odd"]], out, TileSpec(patch_px=128, parents=1, min_tissue=0.3), TileOptions(progress=False))
+    rc = main(["tile", str(slides["odd"]), "--out", str(out), "--patch-px", "256", "--parents", "1",
+               "--min-tissue", "0.3", "--overwrite", "--no-progress"])
+    assert rc == 0
+    m = json.loads((out / K.MANIFEST).read_text())
+    assert json.loads(m["spec"])["patch_px"] == 256 and json.loads(m["previous_spec"])["patch_px"] == 128
+    assert m["slides"]["odd"]["status"] == "done" and "overwrite" not in m["slides"]["odd"]
+    assert Dataset(out).attrs("odd")[K.ATTR_PATCH_PX] == 256
+    assert not list(out.glob("*.tmp"))
+
+
+def test_too_small_slide_says_how_many_roots_fit(tmp_path, bad, capsys):
+    """Default MR-PLIP tiling of a 1024 px 40x slide: a 5x root of 512 px covers 4,096 px (issue 15)."""
+    out = tmp_path / "ds"
+    rc = main(["tile", str(bad["small"]), "--out", str(out), "--no-progress"])
+    assert rc == 1
+    reason = json.loads((out / K.MANIFEST).read_text())["slides"]["small"]["reason"]
+    assert "covers 4096 level-0 px; 0 fit on this 1024x768 slide" in reason
+    assert "--patch-px 96 or less" in reason and "(--mags 40)" in reason
+
+
+def test_low_tissue_says_what_to_change(tmp_path, capsys):
+    """The bundled CMU slide's best 5x root has tissue 0.31 < 0.5: the message names a --min-tissue that works."""
+    out = tmp_path / "ds"
+    rc = main(["tile", str(CMU), "--out", str(out), "--no-progress"])
+    assert rc == 1
+    reason = json.loads((out / K.MANIFEST).read_text())["slides"]["CMU-1-Small-Region"]["reason"]
+    assert "with tissue >= 0.5" in reason and "use --min-tissue 0." in reason and "--patch-px" in reason
+
+
+def test_fewer_bags_than_asked_warns(tmp_path, slides, capsys):
+    out = tmp_path / "ds"
+    rc = main(["tile", str(slides["odd"]), "--out", str(out), "--patch-px", "128", "--parents", "500",
+               "--min-tissue", "0.3", "--no-progress"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    made = json.loads((out / K.MANIFEST).read_text())["slides"]["odd"]["bags"]
+    assert made < 500
+    assert err.count("warning:") == 1 and f"odd: only {made} of the 500 bags asked (--parents) fit" in err
+
+
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.fixture(scope="module")
 def bad(tmp_path_factory, slides) -> dict[str, Path]:
@@ -242,7 +286,7 @@ def test_bad_slide_recorded_and_batch_goes_on(tmp_path, bad, slides, key, messag
     out = tmp_path / "ds"
     rc = main(["tile", str(bad[key]), str(slides["odd"]), "--out", str(out), "--patch-px", "128",
                "--parents", "1", "--min-tissue", "0.3", "--no-progress"])
-    assert rc == 1  # the good slide was tiled; the exit code says one failed (issue 16)
+    assert rc == 3  # the good slide was tiled; the exit code says one failed (issues 16, 15)
     printed = capsys.readouterr().out
     m = json.loads((out / K.MANIFEST).read_text())
     sid = bad[key].stem

@@ -303,3 +303,54 @@ def test_a_run_resumes_from_another_working_directory(tmp_path: Path, monkeypatc
     second = pretrain(resume=tmp_path / "a" / "runs" / "moved")
     assert second.step == 6 and second.run_dir.resolve() == (tmp_path / "a" / "runs" / "moved").resolve()
     assert not (tmp_path / "b" / "runs").exists()
+
+
+def test_checkpoints_are_group_readable_whatever_the_umask(tmp_path: Path) -> None:
+    """Files 0644, folders 0755, set explicitly (issue 15), even under umask 077."""
+    old = os.umask(0o077)
+    try:
+        result = train(toy.toy_config(str(tmp_path), "run.steps=3"))
+    finally:
+        os.umask(old)
+    ckpt = result.checkpoint
+    assert ckpt.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in ckpt.iterdir()} == {
+        "model.safetensors": 0o644, "trainer.pt": 0o644, "trainer.json": 0o644}
+    assert (result.run_dir / LATEST).stat().st_mode & 0o777 == 0o644
+
+
+def test_memory_estimate_is_printed_before_training(tmp_path: Path, capsys) -> None:
+    train(toy.toy_config(str(tmp_path), "run.steps=2"))
+    err = capsys.readouterr().err
+    assert "before activations = parameters" in err and "AdamW states" in err
+    assert "memory: first step measured" in err
+
+
+def test_sigterm_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
+    """SIGTERM mid-run: the step finishes, a checkpoint is written, the line says how to resume."""
+    out = tmp_path / "sig"
+    out.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(toy.__file__).parent), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, toy.__file__, str(out), "run.steps=10000000", "run.ckpt_every=0"]
+    metrics = out / "run" / "metrics.jsonl"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM after step" in err and f"--resume {out / 'run'}" in err
+    ckpt = find_checkpoint(out / "run")
+    assert ckpt is not None
+    step = json.loads((ckpt / "trainer.json").read_text())["step"]
+    assert step >= 2
+    loaded = load_for_eval(out / "run")
+    assert loaded.model is not None

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pathvl import __version__
+from pathvl.cli._shape import add_dataset, require_dataset
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -137,7 +138,14 @@ TILE_EXAMPLE = """example:
   pathvl tile slides/ --out data/mrplip                      # 5/10/20/40x bags of 85, 20 per slide
   pathvl tile a.svs b.svs --out data/grid --mags 20 --patch-px 256 --parents all   # full 20x grid
   pathvl tile slides/ --out data/mrplip --shard 0/4          # one of four machines
+exit codes: 0 all tiled, 3 some slides failed (listed) and the others were tiled, 1 nothing could be tiled,
+2 a usage error.
 """
+
+
+#: Exit code of ``pathvl tile`` when some slides failed and others were tiled (1: nothing could be tiled,
+#: 2: a user error before any slide).
+TILE_PARTIAL_EXIT = 3
 
 
 def _add_tile(sub) -> None:
@@ -162,6 +170,9 @@ def _add_tile(sub) -> None:
     p.add_argument("--workers", type=_int_ge1, default=1, help="slides tiled in parallel")
     p.add_argument("--shard", type=_shard, default=None,
                    help="I/N: tile only every N-th slide starting at I (default: RANK/WORLD_SIZE or 0/1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="tile the given slides again, also when done; a dataset tiled with another spec is "
+                        "rewritten with this one (each file swapped in when its new copy is complete)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_tile)
 
@@ -173,20 +184,28 @@ def _run_tile(a: argparse.Namespace) -> int:
     spec = TileSpec(mags=tuple(a.mags), patch_px=a.patch_px, parents=a.parents, min_tissue=a.min_tissue,
                     above_scan=a.above_scan, seed=a.seed)
     opts = TileOptions(mpp=a.mpp, store_pixels=a.store_pixels, jpeg_quality=a.jpeg_quality,
-                       workers=max(1, a.workers), shard=a.shard or shard_from_env(), progress=not a.no_progress)
+                       workers=max(1, a.workers), shard=a.shard or shard_from_env(), progress=not a.no_progress,
+                       overwrite=a.overwrite)
     summary = tile_slides(a.slides, a.out, spec, opts)
     print(summary.text())
+    for sid, (made, asked) in sorted(summary.short.items()):
+        print(f"pathvl tile: warning: {sid}: only {made} of the {asked} bags asked (--parents) fit; "
+              "lower --min-tissue or --patch-px for more", file=sys.stderr)
     if not summary.done and not summary.skipped and not summary.busy:
         print("pathvl tile: nothing could be tiled", file=sys.stderr)
         return 1
-    return _stage_exit(summary.failed)
+    if summary.failed:
+        print(f"pathvl tile: {len(summary.failed)} slide(s) failed (listed above), the others were tiled",
+              file=sys.stderr)
+        return TILE_PARTIAL_EXIT
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------- embed
 EMBED_EXAMPLE = """example:
-  pathvl embed data/mrplip --encoder uni --weights ~/models/uni/pytorch_model.bin
-  pathvl embed data/mrplip --encoder colour-texture            # no weights needed (demo encoder)
-  torchrun --nproc_per_node 8 -m pathvl.cli embed data/mrplip --encoder uni --weights uni.bin
+  pathvl embed --dataset data/mrplip --encoder uni --weights ~/models/uni/pytorch_model.bin
+  pathvl embed --dataset data/mrplip --encoder colour-texture            # no weights needed (demo encoder)
+  torchrun --nproc_per_node 8 -m pathvl.cli embed --dataset data/mrplip --encoder uni --weights uni.bin
 """
 
 
@@ -194,7 +213,7 @@ def _add_embed(sub) -> None:
     p = sub.add_parser("embed", help="cache frozen patch features of a dataset",
                        description="Run a frozen patch encoder over every patch and cache features/<encoder>.",
                        epilog=EMBED_EXAMPLE, formatter_class=_Formatter)
-    p.add_argument("dataset", nargs="?", help="dataset folder written by `pathvl tile`")
+    add_dataset(p, "dataset folder written by `pathvl tile`", required=False)  # --list needs none
     p.add_argument("--encoder", help="encoder name (see `pathvl embed --list`)")
     p.add_argument("--list", action="store_true", help="list the registered encoders and exit")
     p.add_argument("--weights", default=None, help="local weights file for encoders that need one (uni, timm:*)")
@@ -220,7 +239,7 @@ def _run_embed(a: argparse.Namespace) -> int:
         print(describe_encoders())
         return 0
     if not a.dataset or not a.encoder:
-        raise argparse.ArgumentTypeError("give a DATASET and --encoder NAME (or --list)")
+        raise argparse.ArgumentTypeError("give --dataset DATASET and --encoder NAME (or --list)")
     s = embed_dataset(a.dataset, a.encoder, a.weights, encoder_args=a.encoder_args, batch_size=a.batch_size,
                       dtype=a.dtype, workers=a.workers, shard=a.shard or shard_from_env(), overwrite=a.overwrite,
                       progress=not a.no_progress)
@@ -230,9 +249,9 @@ def _run_embed(a: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- caption
 CAPTION_EXAMPLE = """example:
-  pathvl caption data/mrplip --captioner template              # synthetic template text (demos, tests)
-  pathvl caption data/mrplip --captioner import --from captions.csv
-  pathvl caption data/mrplip --captioner llava --model ~/models/quilt-llava-hf --batch-size 16
+  pathvl caption --dataset data/mrplip --captioner template              # synthetic template text (demos, tests)
+  pathvl caption --dataset data/mrplip --captioner import --from captions.csv
+  pathvl caption --dataset data/mrplip --captioner llava --model ~/models/quilt-llava-hf --batch-size 16
 """
 
 
@@ -240,7 +259,7 @@ def _add_caption(sub) -> None:
     p = sub.add_parser("caption", help="caption every patch and extract keyword bags",
                        description="Write captions/<name> and keywords/<name> for every patch of a dataset.",
                        epilog=CAPTION_EXAMPLE, formatter_class=_Formatter)
-    p.add_argument("dataset", help="dataset folder written by `pathvl tile`")
+    add_dataset(p, "dataset folder written by `pathvl tile`")
     p.add_argument("--captioner", required=True, choices=["template", "import", "llava"], help="captioner")
     p.add_argument("--name", default=None, help="name of the captions (default: the captioner's)")
     p.add_argument("--overwrite", action="store_true", help="recompute slides that have these captions")
@@ -262,7 +281,7 @@ def _add_caption(sub) -> None:
     g.add_argument("--batch-size", type=_int_ge1, default=None, help="patches per generation batch")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: GPU when present)")
     g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="model precision")
-    p.set_defaults(func=_run_caption)
+    p.set_defaults(func=require_dataset(_run_caption))
 
 
 def _run_caption(a: argparse.Namespace) -> int:

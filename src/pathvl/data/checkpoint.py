@@ -232,6 +232,11 @@ def _write_model(model: nn.Module, path: Path, save_frozen: bool) -> None:
     save_file(tensors, str(path), metadata=metadata)
 
 
+#: Modes of checkpoint files and folders, set explicitly: a shared run is readable by the group (issue 15).
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -276,7 +281,9 @@ def save_checkpoint(
         current.write_text(json.dumps({**meta, "step": step}, indent=2) + "\n", encoding="utf-8")
         for name in (MODEL_FILE, STATE_FILE, META_FILE):
             current = tmp / name
+            current.chmod(FILE_MODE)  # readable by the group whatever the umask or a writer's temp file gave
             _fsync_file(current)
+        tmp.chmod(DIR_MODE)
     except BaseException as e:  # this checkpoint's partial folder goes; earlier ones and `latest` stay
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(e):
@@ -294,6 +301,7 @@ def save_checkpoint(
     pointer = run_dir / (LATEST + ".tmp")
     try:
         pointer.write_text(final.name + "\n", encoding="utf-8")
+        pointer.chmod(FILE_MODE)
         _fsync_file(pointer)
         pointer.replace(run_dir / LATEST)
     except BaseException as e:  # the new checkpoint is complete; `latest` still names the previous one

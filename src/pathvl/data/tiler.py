@@ -10,7 +10,13 @@ On a rerun, a finished slide whose file is damaged (cannot be opened) is tiled a
 in: :class:`pathvl.data.dataset.SlideUpdate`). Each slide is claimed with a lock, so a second ``pathvl
 tile`` on the same ``--out`` skips the slides the first is working on; pool workers die with their parent.
 Before each slide the bytes it needs are estimated and refused when they do not fit; a full disk stops the
-run with one line naming the file, the dataset unchanged.
+run with one line naming the file, the dataset unchanged. With ``overwrite`` every given slide is tiled
+again (a dataset tiled with another spec takes the new spec); each new file is written beside the old one
+and swapped in (:class:`pathvl.data.dataset.SlideWriter`), so an interrupted rewrite leaves the old file.
+
+A slide the spec cannot fit (too small for one root, or no root with enough tissue) fails with a line
+saying how many roots fit and which of ``--patch-px``, ``--min-tissue``, ``--mags`` to change; a slide
+that fits fewer roots than ``--parents`` asked is tiled with a warning (:attr:`TileSummary.short`).
 """
 
 from __future__ import annotations
@@ -96,6 +102,8 @@ class TileOptions:
         workers: Slides tiled in parallel (processes).
         shard: ``(i, n)``: tile only slides ``i, i+n, i+2n, ...`` of the sorted list.
         progress: Show progress bars.
+        overwrite: Tile every given slide again, also when done; a dataset tiled with another spec is
+            rewritten with this one.
     """
 
     mpp: float | None = None
@@ -104,6 +112,7 @@ class TileOptions:
     workers: int = 1
     shard: tuple[int, int] = (0, 1)
     progress: bool = True
+    overwrite: bool = False
 
 
 @dataclass
@@ -117,6 +126,8 @@ class TileSummary:
         busy: Slides another process was working on (skipped; a rerun checks them).
         repaired: Slides whose damaged file was tiled again.
         pixels_added: Done slides that got their stored pixels in this run (also in ``done``).
+        short: Slide id -> ``(bags made, bags asked)`` for slides that fit fewer roots than ``--parents``.
+        respec: The spec the dataset had before ``overwrite`` rewrote it with another (None: unchanged).
     """
 
     out: Path
@@ -126,6 +137,8 @@ class TileSummary:
     busy: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
     pixels_added: list[str] = field(default_factory=list)
+    short: dict[str, tuple[int, int]] = field(default_factory=dict)
+    respec: str | None = None
     bags: int = 0
     patches: int = 0
     seconds: float = 0.0
@@ -135,6 +148,9 @@ class TileSummary:
             f"tiled {len(self.done)} slide(s), skipped {len(self.skipped)} already done, "
             f"{len(self.failed)} failed; {self.bags} bags, {self.patches} patches in {self.seconds:.1f} s",
         ]
+        if self.respec is not None:
+            lines.append(f"  --overwrite: the dataset was tiled with another spec ({self.respec}); its slides "
+                         "are tiled again with this one")
         if self.pixels_added:
             lines.append(f"  stored pixels added to {len(self.pixels_added)} slide(s) tiled before without them")
         if self.repaired:
@@ -211,7 +227,10 @@ def tile_slide(path: Path, out: Path, spec: TileSpec, opts: TileOptions, bag_bar
         if not mask.any():
             raise SlideError(f"{path}: no tissue found on the thumbnail; see {overlay}")
         imask = IntegralMask(mask, ds)
-        plan = plan_slide(spec, slide.slide_id, slide.dimensions, mpp, imask, where=str(path))
+        try:
+            plan = plan_slide(spec, slide.slide_id, slide.dimensions, mpp, imask, where=str(path))
+        except SpecError as e:
+            raise SpecError(f"{e}. {explain_no_roots(spec, slide.dimensions, mpp, imask)}") from e
         table = plan.all_patches()
         F = np.array([plan.footprints[m] for m in plan.mags])
         fp = F[np.searchsorted(np.asarray(plan.mags), table["magnification"])]
@@ -255,10 +274,43 @@ def tile_slide(path: Path, out: Path, spec: TileSpec, opts: TileOptions, bag_bar
             raise
     return {
         "path": str(Path(path).resolve()), "status": K.STATUS_DONE, "bags": len(plan.roots), "patches": n,
+        "bags_asked": spec.parents,
         "mpp": mpp, "mpp_source": slide.mpp_source, "magnifications": list(plan.mags),
         "skipped": list(plan.skipped), "upsampled": list(plan.upsampled),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def explain_no_roots(spec: TileSpec, size: tuple[int, int], mpp: float, tissue: IntegralMask) -> str:
+    """What fits of ``spec`` on a slide of ``size`` level-0 px, and what to change: one sentence.
+
+    Counts the roots of the lowest magnification on the slide's grid (a root of ``patch_px`` at
+    ``mags[0]`` covers ``footprint`` level-0 px) and those with tissue >= ``min_tissue``, and names the
+    largest ``--patch-px`` for which one root fits and the ``--min-tissue`` that keeps the best root.
+    """
+    from pathvl.slide.geometry import tree_footprints
+
+    fps = tree_footprints(spec.mags, spec.patch_px, mpp)
+    F = fps[spec.mags[0]]
+    W, H = (int(v) for v in size)
+    nx, ny = W // F, H // F
+    head = (f"A {spec.mags[0]:g}x root of {spec.patch_px} px covers {F} level-0 px; {nx * ny} fit on this "
+            f"{W}x{H} slide")
+    if nx * ny == 0:
+        fit_px = int(spec.patch_px * min(W, H) / F)
+        higher = [m for m in spec.mags[1:] if fps[m] <= min(W, H)]
+        hint = f" or drop the lowest magnification (--mags {' '.join(f'{m:g}' for m in higher)})" if higher else ""
+        return f"{head}: use --patch-px {fit_px} or less{hint}"
+    xs = np.arange(nx, dtype=np.int64) * F
+    ys = np.arange(ny, dtype=np.int64) * F
+    gx, gy = np.meshgrid(xs, ys)
+    frac = tissue.fraction(gx.ravel(), gy.ravel(), F)
+    best = float(frac.max())
+    n_ok = int((frac >= spec.min_tissue).sum())
+    lower = np.floor(best * 20) / 20  # the best root, rounded down to 0.05
+    n_lower = int((frac >= lower).sum())
+    return (f"{head}, {n_ok} with tissue >= {spec.min_tissue:g} (best {best:.2f}): use --min-tissue {lower:.2f} "
+            f"({n_lower} roots), or a smaller --patch-px / higher --mags for roots that sit inside the tissue")
 
 
 def _json(d: dict) -> str:
@@ -312,7 +364,7 @@ def _existing(out: Path, sid: str, rec: dict, store_pixels: bool) -> str:
     """What a slide already in the manifest needs: ``"skip"``, ``"pixels"`` (add them), ``"repair"``
     (its file is damaged: tile again) or ``"tile"`` (not done)."""
     path = slide_file(out, sid)
-    if rec.get("status") != K.STATUS_DONE or not path.exists():
+    if rec.get("status") != K.STATUS_DONE or not path.exists() or rec.get("overwrite"):
         return "tile"
     try:
         with open_slide_h5(path) as f, reading(path):
@@ -366,6 +418,34 @@ def _tile_worker(path: Path, out: Path, spec: TileSpec, opts: TileOptions, bag_b
     return sid, {**new, "_action": todo}
 
 
+def _mark_for_overwrite(out: Path, spec: TileSpec, slide_ids: list[str]) -> str | None:
+    """Before an ``overwrite`` run: mark ``slide_ids`` to be tiled again; when the dataset was tiled with
+    another spec, give the manifest this spec, every other slide's record marked ``stale`` (its file stays
+    until it is tiled again). Returns the old spec when it differed, else None."""
+    import json
+
+    from pathvl.data.dataset import atomic_write_text
+
+    p = out / K.MANIFEST
+    if not p.exists():
+        return None
+    m = read_manifest(out)
+    new = spec.to_json()
+    old = m["spec"] if json.loads(m["spec"]) != json.loads(new) else None
+    wanted = set(slide_ids)
+    for sid, rec in m["slides"].items():
+        if sid in wanted:
+            rec["overwrite"] = True
+        elif old is not None and rec.get("status") == K.STATUS_DONE:
+            rec["status"] = "stale"
+            rec["reason"] = f"tiled with another spec ({old}); tile it again with --overwrite"
+    if old is not None:
+        m["spec"], m["previous_spec"] = new, old
+    m["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    atomic_write_text(p, json.dumps(m, indent=1))
+    return old
+
+
 def tile_slides(inputs: list[str | Path], out: str | Path, spec: TileSpec, opts: TileOptions) -> TileSummary:
     """Tile every slide under ``inputs`` into the dataset folder ``out``.
 
@@ -386,9 +466,11 @@ def tile_slides(inputs: list[str | Path], out: str | Path, spec: TileSpec, opts:
     if not (0 <= i < n):
         raise SpecError(f"--shard {i}/{n}: need 0 <= i < n")
     slides = slides[i::n]
+    summary = TileSummary(out=out)
+    if opts.overwrite:
+        summary.respec = _mark_for_overwrite(out, spec, [slide_id_for(p) for p in slides])
     init_manifest(out, spec.to_json())
     manifest = read_manifest(out)
-    summary = TileSummary(out=out)
     todo = []
     for p in slides:
         sid = slide_id_for(p)
@@ -410,6 +492,9 @@ def tile_slides(inputs: list[str | Path], out: str | Path, spec: TileSpec, opts:
             summary.skipped.append(sid)
         elif status == K.STATUS_DONE:
             summary.done.append(sid)
+            asked = rec.get("bags_asked")
+            if asked is not None and int(rec.get("bags", 0)) < int(asked) and action != "pixels":
+                summary.short[sid] = (int(rec.get("bags", 0)), int(asked))
             summary.bags += int(rec.get("bags", 0))
             summary.patches += int(rec.get("patches", 0))
             if action == "pixels":
