@@ -68,6 +68,29 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
+def write_atomic(path: str | os.PathLike[str], write: Any) -> Path:
+    """``write(tmp_path)`` then rename onto ``path`` (:func:`atomic_path` for a callable); returns ``path``."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
+    """A CSV of ``rows`` (columns in order of first appearance, floats to 6 significant digits), atomically."""
+    import csv
+    import io
+
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return write_atomic(path, lambda p: p.write_text(buf.getvalue(), encoding="utf-8"))
+
+
 def to_jsonable(obj: Any) -> Any:
     """Convert numpy scalars and arrays, tuples, paths and NaN/inf (to None) for strict JSON.
 

@@ -32,8 +32,10 @@ __all__ = [
     "build_head",
     "encoder_forward",
     "image_side_parameters",
+    "load_trained_state",
     "lora_target_regex",
     "trainable_parameter_count",
+    "trained_state",
 ]
 
 #: Classification heads over an image embedding.
@@ -101,6 +103,20 @@ def apply_lora(module: nn.Module, *, rank: int, alpha: float, dropout: float, ta
 def adapter_names(module: nn.Module) -> list[str]:
     """State-dict names of the LoRA adapter tensors of ``module`` (empty when it has none)."""
     return [n for n in module.state_dict() if LORA_MARK in n]
+
+
+def trained_state(model: nn.Module) -> dict[str, Tensor]:
+    """The state worth saving of a model with a frozen ``encoder``: everything but the encoder's own
+    weights (its LoRA adapters are kept)."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.") or LORA_MARK in k}
+
+
+def load_trained_state(model: nn.Module, state: dict[str, Tensor]) -> tuple[list[str], list[str]]:
+    """Loads :func:`trained_state` back; returns the ``(missing, unexpected)`` keys that matter (the frozen
+    encoder weights are expected to be missing)."""
+    result = model.load_state_dict(dict(state), strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("encoder.") or LORA_MARK in k]
+    return missing, list(result.unexpected_keys)
 
 
 def trainable_parameter_count(module: nn.Module) -> int:

@@ -6,16 +6,13 @@ Every file is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pathvl import _const as K
 from pathvl.eval.finetune.config import CONFIG_FILE, FinetuneError
+from pathvl.eval.report import write_atomic, write_csv, write_json  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     import torch
@@ -24,36 +21,7 @@ _KIND_KEY = "pathvl_kind"
 _ALIASES_KEY = "pathvl_aliases"
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + K.TMP_SUFFIX)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_json(path: Path, obj: Any) -> Path:
-    """Indented strict JSON, atomically (NaN becomes null)."""
-    from pathvl.eval.report import to_jsonable
-
-    text = json.dumps(to_jsonable(obj), indent=1, allow_nan=False) + "\n"
-    return _atomic(Path(path), lambda p: p.write_text(text, encoding="utf-8"))
-
-
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """A CSV of ``rows`` (columns in order of first appearance), atomically."""
-    cols: list[str] = []
-    for r in rows:
-        cols += [c for c in r if c not in cols]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    return _atomic(Path(path), lambda p: p.write_text(buf.getvalue(), encoding="utf-8"))
+_atomic = write_atomic  # the run's files use the report module's atomic writers
 
 
 def save_weights(path: Path, state: Mapping[str, torch.Tensor], kind: str) -> Path:

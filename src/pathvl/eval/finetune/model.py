@@ -75,19 +75,18 @@ def _preprocess(enc: VisionEncoder, batch: Any, device: torch.device) -> torch.T
 
 def _weights_to_save(model: TileClassifier) -> dict[str, torch.Tensor]:
     """The classifier's state without the encoder's frozen weights (its LoRA adapters are kept)."""
-    from pathvl.models.finetune import LORA_MARK
+    from pathvl.models.finetune import trained_state
 
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.") or LORA_MARK in k}
+    return trained_state(model)
 
 
 def _load_classifier_state(model: TileClassifier, state: Mapping[str, torch.Tensor], file: Path) -> None:
-    from pathvl.models.finetune import LORA_MARK
+    from pathvl.models.finetune import load_trained_state
 
-    result = model.load_state_dict(dict(state), strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("encoder.") or LORA_MARK in k]
-    if missing or result.unexpected_keys:
+    missing, unexpected = load_trained_state(model, dict(state))
+    if missing or unexpected:
         raise FinetuneError(f"{file} does not fit the model of its finetune.json: missing {missing[:6]}, "
-                            f"unexpected {list(result.unexpected_keys)[:6]}")
+                            f"unexpected {unexpected[:6]}")
 
 
 @dataclass

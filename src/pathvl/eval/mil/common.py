@@ -5,19 +5,15 @@ Every file of a run is written under a temporary name and renamed when complete 
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pathvl import _const as K
 from pathvl.errors import UserError
+from pathvl.eval.report import write_atomic, write_csv, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -51,41 +47,9 @@ def _some(items: Sequence[Any], n: int = 8) -> str:
     return head + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + K.TMP_SUFFIX)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _write_json(path: Path, obj: Any) -> Path:
-    return _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n"))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
-    cols: list[str] = []
-    for r in rows:
-        cols += [c for c in r if c not in cols]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    return _atomic(path, lambda p: p.write_text(buf.getvalue()))
+_atomic = write_atomic  # one home for atomic writers: pathvl.eval.report
+_write_json = write_json
+_write_csv = write_csv
 
 
 def _save_state(path: Path, state: Mapping[str, torch.Tensor], meta: dict[str, str]) -> Path:
