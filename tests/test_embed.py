@@ -135,7 +135,7 @@ def test_resume_after_interruption(tmp_path, slides, monkeypatch):
 def test_half_written_features_are_replaced(tmp_path, slides, monkeypatch):
     """Copy-on-write (issue 16): a crash before the new copy is swapped in leaves the old file byte for byte
     and no temporary file; a ``.partial`` dataset left by an earlier in-place writer is dropped on the rerun."""
-    import pathvl.data.dataset as dataset_mod
+    import pathvl.data.slidefile as slidefile_mod
 
     root = _tile(slides, tmp_path / "ds")
     before = (root / "a.h5").read_bytes()
@@ -143,7 +143,7 @@ def test_half_written_features_are_replaced(tmp_path, slides, monkeypatch):
     def crash(*a, **kw):  # the new copy is written and synced; killed before it is verified and swapped in
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dataset_mod, "verify_copy", crash)
+    monkeypatch.setattr(slidefile_mod, "verify_copy", crash)
     with pytest.raises(KeyboardInterrupt):
         embed_dataset(root, "tiny-vit", workers=0, progress=False)
     monkeypatch.undo()

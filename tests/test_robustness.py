@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-import pathvl.data.dataset as dataset_mod
+import pathvl.data.files as files_mod
 from pathvl import _const as K
 from pathvl.cli import _one_line, main
 from pathvl.data.caption import caption_dataset
@@ -52,7 +52,7 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 # the free-space pre-check switched off, so that a write fails in the middle of the stage.
 _LIMITED = r"""
 import resource, signal, sys
-import pathvl.data.dataset as D
+import pathvl.data.files as D
 from pathvl.cli import main
 D.free_bytes = lambda path: 1 << 50
 D.file_size_limit = lambda: None
@@ -158,7 +158,7 @@ def test_full_disk_mid_write_leaves_the_dataset_byte_identical(ds, slides, tmp_p
 @pytest.mark.parametrize("stage", ["tile", "caption", "embed", "pretrain"])
 def test_free_space_is_checked_before_writing(ds, slides, tmp_path, stage, monkeypatch, capsys):
     before = _hashes(ds)
-    monkeypatch.setattr(dataset_mod, "free_bytes", lambda path: 50_000)
+    monkeypatch.setattr(files_mod, "free_bytes", lambda path: 50_000)
     args = {
         "tile": ["tile", str(slides[3]), "--out", str(ds), *SPEC_ARGS, "--store-pixels", "--no-progress"],
         "caption": ["caption", str(ds), "--captioner", "template", "--name", "t2", "--no-progress"],

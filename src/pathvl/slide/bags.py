@@ -31,7 +31,8 @@ import numpy as np
 from PIL import Image
 
 from pathvl.slide.geometry import best_level
-from pathvl.slide.reader import DIRECT_CHECK_MEAN_ABS, DIRECT_VENDORS, Slide, TiffLevels
+from pathvl.slide.reader import Slide
+from pathvl.slide.tiff import DIRECT_CHECK_MEAN_ABS, DIRECT_VENDORS, TiffLevels
 from pathvl.slide.tiling import TilePlan, target_downsample
 
 __all__ = [
