@@ -61,6 +61,20 @@ def test_retrieve_cli(demo, tmp_path):
                  "--out", str(out)]) == 0
     rep = json.loads((out / "retrieval.json").read_text())
     assert set(rep["image_to_text"]) >= {"R@1", "R@5", "R@10"}
+    # every accepted flag acts: a smaller batch gives the same ranks, --bootstrap adds intervals
+    out2 = tmp_path / "ret2"
+    assert main(["retrieve", "--checkpoint", str(demo / "runs" / "mrplip-demo"), "--dataset", str(demo / "heldout"),
+                 "--batch-size", "3", "--bootstrap", "30", "--out", str(out2)]) == 0
+    rep2 = json.loads((out2 / "retrieval.json").read_text())
+    for d in ("image_to_text", "text_to_image"):
+        assert rep2[d] == pytest.approx(rep[d])
+        lo, hi = rep2["ci"][d]["R@5"]
+        assert lo <= rep2[d]["R@5"] <= hi
+    assert "bootstrap resamples of the queries" in (out2 / "retrieval.md").read_text()
+    for flag in (["--workers", "2"], ["--encoder-weights", "w.pth"]):  # no longer accepted and ignored
+        with pytest.raises(SystemExit) as e:
+            main(["retrieve", "--checkpoint", "x", "--dataset", "y", *flag])
+        assert e.value.code == 2
 
 
 def test_probe_cli(demo, tmp_path):
@@ -82,7 +96,26 @@ def test_bad_inputs(demo, tmp_path, capsys):
     prompt = {"name": "x", "classes": {"ADI": ["fat"], "XYZ": ["unknown"]}, "templates": ["CLASSNAME"]}
     bad.write_text(json.dumps(prompt))
     assert main(["zeroshot", "--checkpoint", run, "--data", str(CRC_TILES), "--prompts", str(bad)]) == 2
-    assert "XYZ" in _err(capsys)
+    err = _err(capsys)
+    assert "XYZ" in err and "--allow-extra-classes" in err
+    # --allow-extra-classes drops the extra class: the same report as a file without it
+    from pathvl.eval.zeroshot import load_prompt_set
+
+    crc = load_prompt_set("crc")
+    exact = {"name": "exact", "classes": {c: list(v) for c, v in crc.classes.items()},
+             "templates": list(crc.templates)}
+    extra = {**exact, "name": "extra", "classes": {**exact["classes"], "XYZ": ["an unknown tissue"]}}
+    (tmp_path / "exact.json").write_text(json.dumps(exact))
+    (tmp_path / "extra.json").write_text(json.dumps(extra))
+    assert main(["zeroshot", "--checkpoint", run, "--data", str(CRC_TILES), "--prompts", str(tmp_path / "extra.json")
+                 ]) == 2
+    reps = []
+    for name in ("exact", "extra"):
+        out = tmp_path / f"zs-{name}"
+        assert main(["zeroshot", "--checkpoint", run, "--data", str(CRC_TILES), "--prompts",
+                     str(tmp_path / f"{name}.json"), "--allow-extra-classes", "--out", str(out)]) == 0
+        reps.append(json.loads((out / "zeroshot.json").read_text()))
+    assert reps[0]["metrics"] == reps[1]["metrics"] and "XYZ" not in reps[1]["class_names"]
     # an empty data folder
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -341,22 +341,32 @@ def test_a_bad_file_is_refused_with_one_line_and_the_others_go_on(dataset, slide
 
 def test_cli_export_and_import(dataset, slides, tmp_path, capsys):
     job = tmp_path / "job"
-    assert main(["export", str(dataset), "--format", "trident", "--out", str(job), "--mag", "20", "--no-progress",
+    assert main(["export", "--dataset", str(dataset), "--format", "trident", "--out", str(job), "--mag", "20",
+                 "--no-progress",
                  "--coords", str(tmp_path / "patches.csv")]) == 0
     out = capsys.readouterr().out
     assert "exported 2 slide(s) as TRIDENT" in out and "patches.csv" in out
     with h5py.File(job / "20x_64px_0px_overlap" / f"features_{ENC}" / "b.h5", "a") as f:
         _short(f)
-    code = main(["import", str(job), "--from", "trident", "--out", str(tmp_path / "ds"), "--slides", str(slides),
-                 "--no-progress"])
+    code = main(["import", str(job), "--from", "trident", "--dataset", str(tmp_path / "ds"), "--slides",
+                 str(slides), "--no-progress"])
     out = capsys.readouterr().out
     assert code == 1 and "imported 1 slide(s)" in out and f"refused {job}" in out and "feature rows for" in out
     # user errors: one line, exit 2
-    assert main(["export", str(dataset)]) == 2
+    assert main(["export", "--dataset", str(dataset)]) == 2
     assert "error: give --format trident|clam with --out DIR, or --coords CSV" in capsys.readouterr().err
-    assert main(["import", str(job), "--from", "clam", "--out", str(tmp_path / "x"), "--slides", str(slides)]) == 2
+    assert main(["export", "--coords", "x.csv"]) == 2
+    assert "error: give --dataset DATASET" in capsys.readouterr().err
+    assert main(["import", str(job), "--from", "clam", "--dataset", str(tmp_path / "x"), "--slides", str(slides)]) == 2
     err = capsys.readouterr().err
     assert "no CLAM layout found" in err and len(err.strip().splitlines()) == 1
+    # the old spellings still work, with one deprecation line each
+    assert main(["import", str(job), "--from", "clam", "--out", str(tmp_path / "x"), "--slides", str(slides)]) == 2
+    err = capsys.readouterr().err
+    assert f"deprecated: --out {tmp_path / 'x'}; write --dataset" in err and "no CLAM layout found" in err
+    assert main(["export", str(dataset), "--mag", "20", "--coords", str(tmp_path / "old.csv")]) == 0
+    assert f"deprecated: the positional DATASET; write --dataset {dataset}" in capsys.readouterr().err
+    assert (tmp_path / "old.csv").read_text() == (tmp_path / "patches.csv").read_text()
     assert main(["export", str(dataset), "--format", "clam", "--out", str(tmp_path / "c"), "--mag", "5"]) == 2
     assert "no 5x patches; the dataset has 10x, 20x" in capsys.readouterr().err
 

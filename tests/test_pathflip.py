@@ -390,6 +390,11 @@ def test_the_training_engine_runs_the_family(synthetic, tmp_path):
                  "--out", str(tmp_path / "ret")]) == 0
     rep = json.loads((tmp_path / "ret" / "retrieval.json").read_text())
     assert rep["n_images"] == len(synthetic["texts"]) and 0 <= rep["image_to_text"]["R@1"] <= 1
+    # evaluated on its own training slides: said in the report and on stderr
+    n = len(synthetic["texts"])
+    assert rep["training_overlap"]["n_overlap"] == n
+    assert rep["warnings"][0].startswith(f"{n} of the {n} evaluation slide(s) of {root} were in the training set")
+    assert "these scores are not held-out results" in (tmp_path / "ret" / "retrieval.md").read_text()
     labels = tmp_path / "labels.csv"
     names = sorted(synthetic["texts"])
     labels.write_text("slide_id,label\n" + "".join(f"{s},{'tumor' if i % 2 else 'stroma'}\n"

@@ -94,3 +94,36 @@ def test_recall_at_k_over_few_candidates_says_it_is_trivial():
     assert rep["notes"] == ["image-to-text R@5/10 is 1 by construction: only 5 candidates (chance R@1 = 0.2)",
                             "text-to-image R@5/10 is 1 by construction: only 5 candidates (chance R@1 = 0.2)"]
     assert retrieval_from_similarity(torch.eye(20), ks=(1, 5, 10))["notes"] == []
+
+
+def test_recall_ci_matches_a_naive_bootstrap_loop():
+    ranks = np.array([0, 3, 0, 12, 1, 7, 0, 2, -1, 40, 0, 5])
+    got = RT.recall_ci(ranks, ks=(1, 5), n_bootstrap=200, seed=3)
+    r = ranks[ranks >= 0]
+    rng = np.random.default_rng(3)
+    stats = {1: [], 5: []}
+    for _ in range(200):  # the resampling rule of pathvl.eval.metrics.bootstrap_ci, written out
+        idx = rng.integers(0, len(r), size=len(r))
+        for k in stats:
+            stats[k].append(np.mean(r[idx] < k))
+    for k in stats:
+        lo, hi = np.quantile(stats[k], [0.025, 0.975])
+        assert got[f"R@{k}"] == pytest.approx([lo, hi])
+        assert lo <= np.mean(r < k) <= hi
+
+
+def test_retrieval_reports_cis_only_when_asked_and_renders_them():
+    from pathvl.eval.report import render_markdown
+
+    img, txt, owner = _data(1, 30, 1)
+    plain = RT.retrieval_recall(img, txt, owner)
+    rep = RT.retrieval_recall(img, txt, owner, n_bootstrap=50)
+    assert "ci" not in plain and rep["ci"]["n_bootstrap"] == 50
+    assert rep["image_to_text"] == plain["image_to_text"]
+    lo, hi = rep["ci"]["text_to_image"]["R@5"]
+    assert lo <= rep["text_to_image"]["R@5"] <= hi
+    md = render_markdown(rep, title="Retrieval")
+    assert "95% CI over 50 bootstrap resamples of the queries" in md
+    assert f"{rep['text_to_image']['R@5']:.4f} ({lo:.4f} - {hi:.4f})" in md
+    sim = torch.as_tensor(img @ txt.T)
+    assert "ci" in RT.retrieval_from_similarity(sim, owner, n_bootstrap=20)

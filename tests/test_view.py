@@ -268,11 +268,11 @@ def test_cli(dataset: Path, capsys: pytest.CaptureFixture) -> None:
 
     with pytest.raises(SystemExit) as e:
         main(["view", "--help"])
-    assert e.value.code == 0 and "pathvl view data/grid --checkpoint" in capsys.readouterr().out
+    assert e.value.code == 0 and "pathvl view --dataset data/grid --checkpoint" in capsys.readouterr().out
     with socket.socket() as taken:  # a port in use: a one-line error, not a traceback
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
-        rc = main(["view", str(dataset), "--port", str(taken.getsockname()[1])])
+        rc = main(["view", "--dataset", str(dataset), "--port", str(taken.getsockname()[1])])
     assert rc == 2 and "pass another --port" in capsys.readouterr().err
 
 

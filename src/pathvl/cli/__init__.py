@@ -63,7 +63,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _stage_exit(failed: dict) -> int:
-    """Exit code of a stage command: 1 when some slides failed (listed above), else 0."""
+    """Exit code of a stage command: 1 when some slides failed (each listed with its reason), else 0."""
     return 1 if failed else 0
 
 
@@ -166,6 +166,9 @@ def _add_tile(sub) -> None:
     p.add_argument("--mpp", type=_positive_float, default=None,
                    help="level-0 microns per pixel, overriding the slide metadata (e.g. 0.25 for 40x)")
     p.add_argument("--store-pixels", action="store_true", help="store every patch as JPEG in the dataset")
+    p.add_argument("--overlay", action="store_true",
+                   help="write OUT/<slide>.tissue.png, the tissue mask over the thumbnail, for every slide "
+                        "(always written for a slide where no patch fits)")
     p.add_argument("--jpeg-quality", type=_jpeg_quality, default=90, help="JPEG quality of stored pixels")
     p.add_argument("--workers", type=_int_ge1, default=1, help="slides tiled in parallel")
     p.add_argument("--shard", type=_shard, default=None,
@@ -185,7 +188,7 @@ def _run_tile(a: argparse.Namespace) -> int:
                     above_scan=a.above_scan, seed=a.seed)
     opts = TileOptions(mpp=a.mpp, store_pixels=a.store_pixels, jpeg_quality=a.jpeg_quality,
                        workers=max(1, a.workers), shard=a.shard or shard_from_env(), progress=not a.no_progress,
-                       overwrite=a.overwrite)
+                       overwrite=a.overwrite, overlay=a.overlay)
     summary = tile_slides(a.slides, a.out, spec, opts)
     print(summary.text())
     for sid, (made, asked) in sorted(summary.short.items()):
@@ -195,7 +198,8 @@ def _run_tile(a: argparse.Namespace) -> int:
         print("pathvl tile: nothing could be tiled", file=sys.stderr)
         return 1
     if summary.failed:
-        print(f"pathvl tile: {len(summary.failed)} slide(s) failed (listed above), the others were tiled",
+        print(f"pathvl tile: {len(summary.failed)} slide(s) failed (each listed below with its reason), the others "
+              "were tiled",
               file=sys.stderr)
         return TILE_PARTIAL_EXIT
     return 0
@@ -366,6 +370,9 @@ def _add_zeroshot(sub) -> None:
                    help="a file of numbered prompt sets (MI-Zero's 50, CONCH's): use set I, or every set and report "
                         "each with the mean +- sd over sets (without it: set 0)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    p.add_argument("--allow-extra-classes", action="store_true",
+                   help="drop prompt classes the labels lack (the model then chooses among the labels present) "
+                        "instead of refusing the prompt file")
     p.add_argument("--dataset", default=None, help="slide level: an embedded dataset folder")
     p.add_argument("--slide-labels", default=None, help="slide level: CSV of slide_id,label")
     p.add_argument("--list", action="store_true", help="list benchmarks and prompt sets and exit")
@@ -400,9 +407,11 @@ def _run_zeroshot(a: argparse.Namespace) -> int:
             from pathvl.eval.apply import zeroshot_slides_prompt_sets
 
             rep = zeroshot_slides_prompt_sets(a.checkpoint, a.dataset, a.slide_labels, a.prompts,
-                                              prompt_set=a.prompt_set, n_bootstrap=a.bootstrap)
+                                              prompt_set=a.prompt_set, n_bootstrap=a.bootstrap,
+                                              allow_extra=a.allow_extra_classes)
         else:
-            rep = zeroshot_slides(a.checkpoint, a.dataset, a.slide_labels, a.prompts, n_bootstrap=a.bootstrap)
+            rep = zeroshot_slides(a.checkpoint, a.dataset, a.slide_labels, a.prompts, n_bootstrap=a.bootstrap,
+                                  allow_extra=a.allow_extra_classes)
         _write(rep, a.out, "zeroshot_slides", f"Slide zero-shot: {a.dataset}")
         return 0
     if not a.checkpoint or not a.data:
@@ -411,7 +420,8 @@ def _run_zeroshot(a: argparse.Namespace) -> int:
     from pathvl.eval.apply import zeroshot_tiles, zeroshot_tiles_prompt_sets
 
     common = {"prompts": a.prompts, "benchmark": a.benchmark, "split": a.split, "encoder_weights": a.encoder_weights,
-              "batch_size": a.batch_size, "workers": a.workers, "n_bootstrap": a.bootstrap, "skip_bad": a.skip_bad}
+              "batch_size": a.batch_size, "workers": a.workers, "n_bootstrap": a.bootstrap, "skip_bad": a.skip_bad,
+              "allow_extra": a.allow_extra_classes}
     if a.prompt_set is not None:
         rep = zeroshot_tiles_prompt_sets(a.checkpoint, a.data, prompt_set=a.prompt_set, **common)
     else:
@@ -501,14 +511,20 @@ def _add_retrieve(sub) -> None:
                                    "between slides and their captions or reports (PathFLIP, PathAlign: --texts).",
                        epilog="example:\n  pathvl retrieve --checkpoint runs/mrplip --dataset data/heldout\n"
                               "  pathvl retrieve --checkpoint runs/pathflip --dataset data/grid --texts captions.csv\n"
-                              "  pathvl embed data/heldout --encoder openclip:~/models/QuiltNet-B-32  # VLM baseline\n"
+                              "  pathvl embed --dataset data/heldout --encoder openclip:~/models/QuiltNet-B-32\n"
                               "  pathvl retrieve --checkpoint ~/models/QuiltNet-B-32 --dataset data/heldout\n",
                        formatter_class=_Formatter)
     p.add_argument("--dataset", required=True, help="dataset folder with features and captions")
     p.add_argument("--captions", default=None, help="captions name (default: the one the model trained on)")
-    p.add_argument("--max-items", type=int, default=5000, help="at most this many caption/patch pairs")
+    p.add_argument("--max-items", type=int, default=None, help="patch level: at most this many caption/patch pairs "
+                                                                 "(default 5000)")
     p.add_argument("--texts", default=None, help="slide level: CSV/JSONL of slide_id and caption or report")
-    _add_eval_common(p)
+    p.add_argument("--checkpoint", help="run folder from `pathvl pretrain`, or a published VLM (as for zeroshot)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="patches (default 256) or slides (default 8) per forward pass")
+    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples of the queries for 95%% CIs of R@K")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patch choice and of the bootstrap")
+    p.add_argument("--out", default=None, help="report folder (JSON, Markdown)")
     p.set_defaults(func=_run_retrieve)
 
 
@@ -517,10 +533,19 @@ def _run_retrieve(a: argparse.Namespace) -> int:
 
     if not a.checkpoint:
         raise argparse.ArgumentTypeError("give --checkpoint RUN")
+    if a.batch_size is not None and a.batch_size < 1:
+        raise argparse.ArgumentTypeError(f"--batch-size must be at least 1, got {a.batch_size}")
+    if a.bootstrap < 0:
+        raise argparse.ArgumentTypeError(f"--bootstrap must be 0 or more, got {a.bootstrap}")
     if a.texts:
-        rep = retrieve_slides(a.checkpoint, a.dataset, a.texts)
+        if a.captions or a.max_items is not None:
+            raise argparse.ArgumentTypeError("--captions and --max-items are for patch retrieval; slide retrieval "
+                                             "scores every slide of --texts")
+        rep = retrieve_slides(a.checkpoint, a.dataset, a.texts, batch_size=a.batch_size or 8,
+                              n_bootstrap=a.bootstrap, seed=a.seed)
     else:
-        rep = retrieve_patches(a.checkpoint, a.dataset, captions=a.captions, max_patches=a.max_items)
+        rep = retrieve_patches(a.checkpoint, a.dataset, captions=a.captions, max_patches=a.max_items or 5000,
+                               batch_size=a.batch_size or 256, n_bootstrap=a.bootstrap, seed=a.seed)
     _write(rep, a.out, "retrieval", "Retrieval")
     return 0
 
@@ -588,9 +613,10 @@ def _run_demo(a: argparse.Namespace) -> int:
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="describe a slide or a dataset",
                        description="Describe a slide (levels, mpp and its source) or a dataset folder.",
-                       epilog="example:\n  pathvl info slide.svs\n  pathvl info data/mrplip\n",
+                       epilog="example:\n  pathvl info slide.svs\n  pathvl info --dataset data/mrplip\n",
                        formatter_class=_Formatter)
-    p.add_argument("path", help="a slide file or a dataset folder")
+    p.add_argument("path", nargs="?", default=None, help="a slide file (or, deprecated, a dataset folder)")
+    p.add_argument("--dataset", default=None, help="a dataset folder written by `pathvl tile`")
     p.add_argument("--mpp", type=_positive_float, default=None, help="override the slide's mpp")
     p.set_defaults(func=_run_info)
 
@@ -598,10 +624,18 @@ def _add_info(sub) -> None:
 def _run_info(a: argparse.Namespace) -> int:
     from pathvl import _const as K
 
+    if (a.path is None) == (a.dataset is None):
+        raise argparse.ArgumentTypeError("give a slide file (pathvl info SLIDE) or --dataset DATASET")
+    if a.dataset is not None:
+        from pathvl.data.dataset import Dataset
+
+        print(Dataset(a.dataset).summary())
+        return 0
     path = Path(a.path)
     if path.is_dir() and (path / K.MANIFEST).exists():
         from pathvl.data.dataset import Dataset
 
+        print(f"pathvl info: deprecated: a dataset as PATH; write --dataset {a.path}", file=sys.stderr)
         print(Dataset(path).summary())
         return 0
     from pathvl.slide.reader import open_slide

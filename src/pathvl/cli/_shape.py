@@ -38,3 +38,16 @@ def require_dataset(func: Callable[[argparse.Namespace], int]) -> Callable[[argp
         return func(a)
 
     return run
+
+
+class _DeprecatedOption(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if getattr(namespace, "dataset", None) is None:
+            namespace.dataset = values
+        print(f"{parser.prog}: deprecated: {option_string} {values}; write --dataset {values}", file=sys.stderr)
+
+
+def add_dataset_option_alias(p: argparse.ArgumentParser, flag: str) -> None:
+    """Keep an old ``flag DATASET`` spelling (e.g. ``import --out``) as a deprecated alias of ``--dataset``."""
+    p.add_argument(flag, dest="_alias_" + flag.lstrip("-"), metavar="DATASET", action=_DeprecatedOption,
+                   help=argparse.SUPPRESS)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pathvl.cli._shape import add_dataset, add_dataset_option_alias, require_dataset
+
 EXPORT_EXAMPLE = """layouts:
   trident  OUT/<mag>x_<px>px_0px_overlap/patches/<slide>_patches.h5       (coords)
            OUT/<mag>x_<px>px_0px_overlap/features_<encoder>/<slide>.h5    (features + coords)
@@ -14,15 +16,15 @@ EXPORT_EXAMPLE = """layouts:
   patch_size_level0, level0_magnification, target_magnification, patch_level, custom_downsample).
 
 example:
-  pathvl export data/grid --format trident --out trident_job          # every magnification, its features
-  pathvl export data/mrplip --format clam --out clam_feats --mag 20 --features uni
-  pathvl export data/mrplip --coords patches.csv                      # slide_id,index,x,y,magnification,parent
+  pathvl export --dataset data/grid --format trident --out trident_job  # every magnification, its features
+  pathvl export --dataset data/mrplip --format clam --out clam_feats --mag 20 --features uni
+  pathvl export --dataset data/mrplip --coords patches.csv            # slide_id,index,x,y,magnification,parent
 """
 
 IMPORT_EXAMPLE = """example:
-  pathvl import trident_job --from trident --out data/imported --slides slides/
-  pathvl import trident_job/20x_256px_0px_overlap/features_uni --from trident --out data/uni --slides slides/
-  pathvl import clam_feats --from clam --out data/clam --slides slides/ --encoder resnet50_trunc \\
+  pathvl import trident_job --from trident --dataset data/imported --slides slides/
+  pathvl import trident_job/20x_256px_0px_overlap/features_uni --from trident --dataset data/uni --slides slides/
+  pathvl import clam_feats --from clam --dataset data/clam --slides slides/ --encoder resnet50_trunc \\
       --patches clam_patches                                           # CLAM's --data_h5_dir (coords attrs)
 
   One magnification per dataset: point DIR at one <mag>x_... folder when the job holds several.
@@ -53,7 +55,7 @@ def register(sub) -> None:
                        description="Write one HDF5 file per slide and magnification in TRIDENT's or CLAM's layout "
                                    "(top-level coords and features), and/or every patch as a CSV row.",
                        epilog=EXPORT_EXAMPLE, formatter_class=_Formatter)
-    p.add_argument("dataset", help="dataset folder written by `pathvl tile`")
+    add_dataset(p, "dataset folder written by `pathvl tile`")
     p.add_argument("--format", choices=FORMATS, default=None, help="layout to write (with --out)")
     p.add_argument("--out", default=None, help="output folder of --format")
     p.add_argument("--mag", type=_positive_float, default=None,
@@ -64,7 +66,7 @@ def register(sub) -> None:
     p.add_argument("--coords", default=None, metavar="CSV",
                    help="also (or only) write slide_id,index,x,y,magnification,parent rows to this CSV")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_export)
+    p.set_defaults(func=require_dataset(run_export))
 
     p = sub.add_parser("import", help="turn TRIDENT or CLAM coords/feature files into a pathvl dataset",
                        description="Read TRIDENT or CLAM per-slide HDF5 files (coords, features) and write a "
@@ -73,7 +75,8 @@ def register(sub) -> None:
     p.add_argument("dir", metavar="DIR", help="the TRIDENT job / magnification / features_<encoder> folder, or "
                                               "the CLAM folder holding h5_files (and pt_files) or patches")
     p.add_argument("--from", dest="fmt", choices=FORMATS, required=True, help="whose layout DIR is in")
-    p.add_argument("--out", required=True, help="dataset folder to write (or extend)")
+    p.add_argument("--dataset", default=None, help="dataset folder to write (or extend) (required)")
+    add_dataset_option_alias(p, "--out")
     p.add_argument("--slides", required=True, help="folder of the slides (matched by file stem / slide id)")
     p.add_argument("--encoder", default=None,
                    help="feature set name (without it: TRIDENT's features_<encoder> folder, the CLAM file's "
@@ -82,7 +85,7 @@ def register(sub) -> None:
                    help="CLAM: folder holding patches/<slide>.h5 with the coords attributes, when not in DIR")
     p.add_argument("--mpp", type=_positive_float, default=None, help="level-0 um/px overriding the slides' metadata")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_import)
+    p.set_defaults(func=require_dataset(run_import), _dataset_required=True)
 
 
 def run_export(a: argparse.Namespace) -> int:
@@ -91,20 +94,21 @@ def run_export(a: argparse.Namespace) -> int:
     if a.format is None and a.coords is None:
         raise InteropError("give --format trident|clam with --out DIR, or --coords CSV (or both)")
     if (a.format is None) != (a.out is None):
-        raise InteropError("--format and --out go together: pathvl export DATASET --format trident --out DIR")
+        raise InteropError("--format and --out go together: pathvl export --dataset DATASET --format trident --out DIR")
     if a.format is not None:
         s = export_dataset(a.dataset, a.out, a.format, mag=a.mag, features=a.features, progress=not a.no_progress)
         print(s.text())
     if a.coords is not None:
         n = export_coords(a.dataset, a.coords, mag=a.mag)
-        print(f"wrote {n} patch rows to {a.coords}  (for `pathvl caption {a.dataset} --captioner import --from ...`)")
+        print(f"wrote {n} patch rows to {a.coords}  "
+              f"(for `pathvl caption --dataset {a.dataset} --captioner import --from ...`)")
     return 0
 
 
 def run_import(a: argparse.Namespace) -> int:
     from pathvl.data.interop import import_features
 
-    s = import_features(a.dir, a.out, a.fmt, a.slides, encoder=a.encoder, patches=a.patches, mpp=a.mpp,
+    s = import_features(a.dir, a.dataset, a.fmt, a.slides, encoder=a.encoder, patches=a.patches, mpp=a.mpp,
                         progress=not a.no_progress)
     print(s.text())
     return 1 if s.failed else 0

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pathvl.cli._shape import add_dataset, require_dataset
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 VIEW_EXAMPLE = """example:
-  pathvl view data/grid --checkpoint runs/pathflip     # then open http://127.0.0.1:8000/
-  pathvl view data/mrplip --checkpoint runs/mrplip --port 8080
-  pathvl view data/mrplip                              # slides, tree and captions only (no queries)
+  pathvl view --dataset data/grid --checkpoint runs/pathflip    # then open http://127.0.0.1:8000/
+  pathvl view --dataset data/mrplip --checkpoint runs/mrplip --port 8080
+  pathvl view --dataset data/mrplip                             # slides, tree and captions only (no queries)
   open http://127.0.0.1:8000/?slide=slide-01&q=tumor%20cells%20with%20nuclear%20atypia
   ssh -L 8000:127.0.0.1:8000 server                    # from a laptop, for a viewer on a server
 """
@@ -36,7 +38,7 @@ def register(sub) -> None:
                                    "patch-text similarity for a typed query, the MR-PLIP magnification tree "
                                    "with captions, and the checkpoint's report (PathAlign).",
                        epilog=VIEW_EXAMPLE, formatter_class=_Formatter)
-    p.add_argument("dataset", help="dataset folder written by `pathvl tile` (embedded for queries)")
+    add_dataset(p, "dataset folder written by `pathvl tile` (embedded for queries)")
     p.add_argument("--checkpoint", default=None,
                    help="run folder of a trained model that scores queries and writes reports (omit to browse)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port")
@@ -44,7 +46,7 @@ def register(sub) -> None:
                    help="address to listen on; anything but loopback exposes the slides, without a password")
     p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, cuda:1)")
     p.add_argument("--cache", type=int, default=64, help="heatmaps kept in memory (least recently used go first)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=require_dataset(run))
 
 
 def run(a: argparse.Namespace) -> int:

@@ -180,7 +180,8 @@ def read_captions(root: str | Path, slide_id: str, name: str) -> list[str]:
     with Dataset(root).open(slide_id) as f, reading(Dataset(root).path(slide_id)):
         key = K.captions_key(name)
         if key not in f:
-            raise DatasetError(f"{Dataset(root).path(slide_id)}: no {key}; run `pathvl caption {root} ...` first")
+            raise DatasetError(f"{Dataset(root).path(slide_id)}: no {key}; "
+                               f"run `pathvl caption --dataset {root} ...` first")
         return list(f[key].asstr()[:])
 
 

@@ -193,7 +193,7 @@ class Dataset:
         return problems
 
     def summary(self) -> str:
-        """Human-readable summary (``pathvl info DATASET``); damaged files are listed, not fatal."""
+        """Human-readable summary (``pathvl info --dataset DATASET``); damaged files are listed, not fatal."""
         done, failed = self.slide_ids(), self.failures()
         lines = [f"dataset    {self.root}", f"pathvl     {self.manifest.get('pathvl_version')}",
                  f"spec       {self.spec_json}"]

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pathvl.eval.loading import EvalError, EvalModel, load_for_eval
+from pathvl.eval.overlap import note_training_overlap
 from pathvl.eval.tiles import TileDataset, color_histogram_features, csv_tiles, image_folder, tile_loader
 
 
@@ -118,7 +119,7 @@ def histogram_baseline(hists: np.ndarray, labels: np.ndarray) -> dict[str, float
 def zeroshot_tiles(checkpoint: str | Path, data: str | Path, *, prompts: str | None = None,
                    benchmark: str | None = None, split: str | None = None, encoder_weights: str | None = None,
                    batch_size: int = 64, workers: int = 0, n_bootstrap: int = 0, baseline: bool = True,
-                   skip_bad: bool = False) -> dict[str, Any]:
+                   skip_bad: bool = False, allow_extra: bool = False) -> dict[str, Any]:
     """Zero-shot tile classification with a prompt ensemble, reported with every metric.
 
     Args:
@@ -133,6 +134,8 @@ def zeroshot_tiles(checkpoint: str | Path, data: str | Path, *, prompts: str | N
         n_bootstrap: Bootstrap resamples for confidence intervals.
         baseline: Add the colour-histogram baseline.
         skip_bad: Skip unreadable images with a warning.
+        allow_extra: Drop prompt classes the tiles' labels lack (the classifier then chooses among the
+            labels present) instead of refusing the prompt file.
     """
     from pathvl.eval.benchmarks import get_benchmark
     from pathvl.eval.zeroshot import build_class_weights, load_prompt_set, zeroshot_report
@@ -143,7 +146,7 @@ def zeroshot_tiles(checkpoint: str | Path, data: str | Path, *, prompts: str | N
         if not benchmark:
             raise EvalError("pass --prompts (a built-in prompt set or a JSON file) or --benchmark")
         prompts = get_benchmark(benchmark).prompt_set
-    ps = load_prompt_set(prompts, labels=ds.class_names)
+    ps = load_prompt_set(prompts, labels=ds.class_names, allow_extra=allow_extra)
     weights = build_class_weights(lm.encode_texts, ps)
     emb, y, hists, ids = tile_embeddings(lm, ds, encoder_weights=encoder_weights, batch_size=batch_size,
                                           workers=workers, return_ids=True)
@@ -177,12 +180,14 @@ def linear_probe_tiles(checkpoint: str | Path, train: str | Path, test: str | Pa
 
 
 def retrieve_patches(checkpoint: str | Path, dataset: str | Path, *, captions: str | None = None,
-                     slides: list[str] | None = None, max_patches: int = 5000, seed: int = 0) -> dict[str, Any]:
+                     slides: list[str] | None = None, max_patches: int = 5000, seed: int = 0, batch_size: int = 256,
+                     n_bootstrap: int = 0) -> dict[str, Any]:
     """Image-to-text and text-to-image Recall@1/5/10 between a dataset's patches and their captions.
 
     Template and generated captions repeat, which makes "the" matching caption ambiguous; the protocol
     therefore keeps one randomly chosen patch per distinct caption (at most ``max_patches``) and scores
-    one-to-one retrieval between those patches and their captions.
+    one-to-one retrieval between those patches and their captions. Patches are encoded ``batch_size`` at a
+    time; ``n_bootstrap`` > 0 adds 95% intervals of each R@K over resampled queries.
     """
     from pathvl import _const as K
     from pathvl.data.dataset import Dataset
@@ -192,8 +197,8 @@ def retrieve_patches(checkpoint: str | Path, dataset: str | Path, *, captions: s
     captions = captions or (getattr(lm.config.data, "captions", None) if lm.config else None) or "template"
     ds = Dataset(dataset)
     fname = K.feature_name(lm.features)
-    ds.require(K.FEATURES, fname, f"pathvl embed {dataset} --encoder {lm.features}")
-    ds.require(K.CAPTIONS, captions, f"pathvl caption {dataset} --captioner {captions}")
+    ds.require(K.FEATURES, fname, f"pathvl embed --dataset {dataset} --encoder {lm.features}")
+    ds.require(K.CAPTIONS, captions, f"pathvl caption --dataset {dataset} --captioner {captions}")
     feats, texts = [], []
     for sid in slides or ds.slide_ids():
         with ds.open(sid) as f:
@@ -209,30 +214,38 @@ def retrieve_patches(checkpoint: str | Path, dataset: str | Path, *, captions: s
     if len(uniq) < 2:
         raise EvalError(f"{dataset}: fewer than two distinct captions in captions/{captions}")
     rows = np.asarray([first[t] for t in uniq])
+    if batch_size < 1:
+        raise EvalError(f"batch_size must be at least 1, got {batch_size}")
     with torch.no_grad():
-        img = lm.model.encode_image(torch.from_numpy(x[rows]))
-    rep = retrieval_recall(img, lm.encode_texts(uniq))
+        img = torch.cat([lm.model.encode_image(torch.from_numpy(x[rows[i:i + batch_size]]))
+                         for i in range(0, len(rows), batch_size)])
+    rep = retrieval_recall(img, lm.encode_texts(uniq), n_bootstrap=n_bootstrap, seed=seed)
     rep["model"] = {"checkpoint": str(checkpoint), "family": lm.family, "captions": captions,
                     "protocol": "one random patch per distinct caption"}
-    return rep
+    return note_training_overlap(rep, lm.config, dataset, slides)
 
 
 # ------------------------------------------------------------------------------------------ slide level
-def retrieve_slides(checkpoint: str | Path, dataset: str | Path, texts: str | Path) -> dict[str, Any]:
+def retrieve_slides(checkpoint: str | Path, dataset: str | Path, texts: str | Path, *, batch_size: int = 8,
+                    n_bootstrap: int = 0, seed: int = 0) -> dict[str, Any]:
     """Slide-to-text and text-to-slide Recall@1/5/10 of a slide model (:func:`pathvl.eval.slides.retrieve_slides`).
 
     Args:
         checkpoint: Run folder.
         dataset: Embedded dataset folder (the full grid).
         texts: CSV/JSONL of slide_id and caption or report.
+        batch_size: Slides per forward pass.
+        n_bootstrap: Bootstrap resamples of the queries for 95% intervals (0: none).
     """
     from pathvl.eval import slides
 
-    return slides.retrieve_slides(load_for_eval(checkpoint, kind="slide"), dataset, texts)
+    return slides.retrieve_slides(load_for_eval(checkpoint, kind="slide"), dataset, texts, batch_size=batch_size,
+                                  n_bootstrap=n_bootstrap, seed=seed)
 
 
 def zeroshot_slides(checkpoint: str | Path, dataset: str | Path, labels: str | Path, prompts: str,
-                    js: tuple[int, ...] = (1, 5, 10, 50, 100), n_bootstrap: int = 0) -> dict[str, Any]:
+                    js: tuple[int, ...] = (1, 5, 10, 50, 100), n_bootstrap: int = 0,
+                    allow_extra: bool = False) -> dict[str, Any]:
     """Slide-level zero-shot classification from a table of ``slide_id,label``.
 
     Tile models: MI-Zero top-j pooling of patch scores (Lu et al., "Visual language pretrained multiple
@@ -254,7 +267,7 @@ def zeroshot_slides(checkpoint: str | Path, dataset: str | Path, labels: str | P
     if missing:
         raise EvalError(f"{labels}: slides not in {dataset}: {missing[:5]}")
     classes = sorted({lab for _, lab in rows})
-    ps = load_prompt_set(prompts, labels=classes)
+    ps = load_prompt_set(prompts, labels=classes, allow_extra=allow_extra)
     y = np.asarray([classes.index(lab) for _, lab in rows])
     ev = load_for_eval(checkpoint)
     scores = slide_scores(ev, dataset, ps, [sid for sid, _ in rows], js=js)
@@ -269,7 +282,7 @@ def zeroshot_slides(checkpoint: str | Path, dataset: str | Path, labels: str | P
     else:
         rep = topj_report(scores, y, classes, n_bootstrap=n_bootstrap, logit_scale=ev.logit_scale, ids=sids)
     rep["model"] = {**ev.describe(), "prompts": ps.name}
-    return rep
+    return note_training_overlap(rep, ev.config, dataset, sids)
 
 
 # ------------------------------------------------------------------------------------------ prompt sets
@@ -317,7 +330,8 @@ def summarise_prompt_sets(reports: dict[str, dict[str, Any]], source: str = "") 
 def zeroshot_tiles_prompt_sets(checkpoint: str | Path, data: str | Path, *, prompts: str | None = None,
                                prompt_set: str = "all", benchmark: str | None = None, split: str | None = None,
                                encoder_weights: str | None = None, batch_size: int = 64, workers: int = 0,
-                               n_bootstrap: int = 0, baseline: bool = True, skip_bad: bool = False) -> dict[str, Any]:
+                               n_bootstrap: int = 0, baseline: bool = True, skip_bad: bool = False,
+                               allow_extra: bool = False) -> dict[str, Any]:
     """Zero-shot tiles with one numbered prompt set of a file (``prompt_set="3"``) or every set (``"all"``).
 
     The tiles are embedded once; each set gets its class weights and its report. With ``"all"`` the
@@ -334,7 +348,7 @@ def zeroshot_tiles_prompt_sets(checkpoint: str | Path, data: str | Path, *, prom
         if not benchmark:
             raise EvalError("pass --prompts (a built-in prompt set or a JSON file) or --benchmark")
         prompts = get_benchmark(benchmark).prompt_set
-    sets = load_prompt_sets(prompts, labels=ds.class_names, which=prompt_set)
+    sets = load_prompt_sets(prompts, labels=ds.class_names, which=prompt_set, allow_extra=allow_extra)
     weights = {k: build_class_weights(lm.encode_texts, ps) for k, ps in sets.items()}
     emb, y, hists, ids = tile_embeddings(lm, ds, encoder_weights=encoder_weights, batch_size=batch_size,
                                           workers=workers, return_ids=True)
@@ -354,7 +368,7 @@ def zeroshot_tiles_prompt_sets(checkpoint: str | Path, data: str | Path, *, prom
 
 def zeroshot_slides_prompt_sets(checkpoint: str | Path, dataset: str | Path, labels: str | Path, prompts: str, *,
                                 prompt_set: str = "all", js: tuple[int, ...] = (1, 5, 10, 50, 100),
-                                n_bootstrap: int = 0) -> dict[str, Any]:
+                                n_bootstrap: int = 0, allow_extra: bool = False) -> dict[str, Any]:
     """Slide-level zero-shot (:func:`zeroshot_slides`) with one numbered prompt set or every set.
 
     Each slide's patches are embedded once and scored against every set's class weights (tile models:
@@ -376,7 +390,7 @@ def zeroshot_slides_prompt_sets(checkpoint: str | Path, dataset: str | Path, lab
     if missing:
         raise EvalError(f"{labels}: slides not in {dataset}: {missing[:5]}")
     classes = sorted({lab for _, lab in rows})
-    sets = load_prompt_sets(prompts, labels=classes, which=prompt_set)
+    sets = load_prompt_sets(prompts, labels=classes, which=prompt_set, allow_extra=allow_extra)
     y = np.asarray([classes.index(lab) for _, lab in rows])
     sids = [sid for sid, _ in rows]
     ev = load_for_eval(checkpoint)
@@ -407,4 +421,4 @@ def zeroshot_slides_prompt_sets(checkpoint: str | Path, dataset: str | Path, lab
     names = [ps.name for ps in sets.values()]
     rep["model"] = {**ev.describe(), "prompts": names[0] if single else f"{names[0]} .. {names[-1]}",
                     "prompt_set": prompt_set}
-    return rep
+    return note_training_overlap(rep, ev.config, dataset, sids)

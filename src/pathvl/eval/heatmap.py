@@ -282,7 +282,7 @@ def slide_heatmaps(ev: Any, root: str | Path, slide_id: str, texts: str | Sequen
     with ds.open(slide_id) as f:
         if key not in f:
             raise DatasetError(f"slide {slide_id!r} of {root} was not embedded with {features!r} (no {key}); run "
-                               f"`pathvl embed {root} --encoder {features}` first")
+                               f"`pathvl embed --dataset {root} --encoder {features}` first")
         feats = f[key][:].astype(np.float32)
         coords = f[K.COORDS][:]
         mag = f[K.MAGNIFICATION][:]

@@ -214,8 +214,17 @@ def _render_body(report: Mapping[str, Any], level: int) -> list[str]:
     directions = [d for d in ("image_to_text", "text_to_image") if isinstance(report.get(d), Mapping)]
     if directions:  # retrieval (pathvl.eval.retrieval)
         cols = list(report[directions[0]])
-        lines += [f"{h} Retrieval", ""]
-        lines += [*_table(["direction", *cols], [[d, *(report[d].get(c) for c in cols)] for d in directions]), ""]
+        ci = report.get("ci") if isinstance(report.get("ci"), Mapping) else {}
+
+        def cell(d: str, c: str) -> Any:
+            v, iv = report[d].get(c), (ci.get(d) or {}).get(c)
+            return v if not iv else f"{_fmt(v)} ({_fmt(iv[0])} - {_fmt(iv[1])})"
+
+        title = f"{h} Retrieval"
+        if ci:
+            title += f" (95% CI over {ci.get('n_bootstrap', '?')} bootstrap resamples of the queries)"
+        lines += [title, ""]
+        lines += [*_table(["direction", *cols], [[d, *(cell(d, c) for c in cols)] for d in directions]), ""]
         handled.update(directions)
     if isinstance(report.get("predictions"), Mapping) and "csv" in report["predictions"]:
         pr = report["predictions"]

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["image_to_text_ranks", "recall_at_k", "retrieval_from_similarity", "retrieval_recall", "text_to_image_ranks",
-           "trivial_k_notes"]
+__all__ = ["image_to_text_ranks", "recall_at_k", "recall_ci", "retrieval_from_similarity", "retrieval_recall",
+           "text_to_image_ranks", "trivial_k_notes"]
 
 
 def _emb(x: Any, name: str) -> torch.Tensor:
@@ -117,6 +117,40 @@ def recall_at_k(ranks: Any, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     return out
 
 
+def recall_ci(ranks: Any, ks: Sequence[int] = (1, 5, 10), n_bootstrap: int = 1000, alpha: float = 0.05,
+              seed: int = 0) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of Recall@K over the queries (the gallery stays fixed).
+
+    Resamples the queries with replacement (:func:`pathvl.eval.metrics.bootstrap_ci`, same seed rule);
+    negative ranks (queries without a positive) are left out as in :func:`recall_at_k`.
+
+    Returns:
+        ``{"R@K": [low, high]}`` for each K.
+    """
+    from pathvl.eval.metrics import bootstrap_ci
+
+    r = np.asarray(ranks)
+    r = r[r >= 0]
+    if len(r) == 0:
+        raise ValueError("no queries with a positive to rank")
+    dummy = np.zeros(len(r), dtype=np.int64)
+    out = {}
+    for k in ks:
+        _, low, high = bootstrap_ci(lambda _t, rr, k=k: float(np.mean(rr < k)), dummy, r, n=n_bootstrap, alpha=alpha,
+                                    seed=seed)
+        out[f"R@{k}"] = [low, high]
+    return out
+
+
+def _with_ci(rep: dict[str, Any], i2t: np.ndarray, t2i: np.ndarray, ks: Sequence[int], n_bootstrap: int,
+             seed: int) -> dict[str, Any]:
+    if n_bootstrap > 0:
+        rep["ci"] = {"image_to_text": recall_ci(i2t, ks, n_bootstrap, seed=seed),
+                     "text_to_image": recall_ci(t2i, ks, n_bootstrap, seed=seed),
+                     "n_bootstrap": int(n_bootstrap), "alpha": 0.05, "resampled": "queries (gallery fixed)"}
+    return rep
+
+
 def retrieval_recall(
     image_emb: Any,
     text_emb: Any,
@@ -124,6 +158,8 @@ def retrieval_recall(
     ks: Sequence[int] = (1, 5, 10),
     normalize: bool = True,
     chunk_size: int = 1024,
+    n_bootstrap: int = 0,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Image-to-text and text-to-image Recall@K.
 
@@ -135,11 +171,13 @@ def retrieval_recall(
         ks: Values of K.
         normalize: L2-normalise both sides first.
         chunk_size: Queries per similarity block.
+        n_bootstrap: Bootstrap resamples of the queries for 95% intervals of each R@K (0: none).
+        seed: Seed of the resampling.
 
     Returns:
         ``{"image_to_text": {"R@1", ..., "median_rank", "mean_rank"}, "text_to_image": {...},
-        "n_images", "n_texts", "n_image_queries"}``; images without captions are not image queries
-        but stay in the gallery of text-to-image.
+        "n_images", "n_texts", "n_image_queries"}`` (and ``"ci"`` with ``n_bootstrap``); images without
+        captions are not image queries but stay in the gallery of text-to-image.
     """
     n_img, n_txt = len(image_emb), len(text_emb)
     if text_to_image is None:
@@ -150,7 +188,7 @@ def retrieval_recall(
         text_to_image = np.arange(n_txt)
     i2t = image_to_text_ranks(image_emb, text_emb, text_to_image, normalize, chunk_size)
     t2i = text_to_image_ranks(image_emb, text_emb, text_to_image, normalize, chunk_size)
-    return {
+    rep = {
         "image_to_text": recall_at_k(i2t, ks),
         "text_to_image": recall_at_k(t2i, ks),
         "n_images": n_img,
@@ -158,6 +196,7 @@ def retrieval_recall(
         "n_image_queries": int((i2t >= 0).sum()),
         "notes": trivial_k_notes(ks, n_img, n_txt),
     }
+    return _with_ci(rep, i2t, t2i, ks, n_bootstrap, seed)
 
 
 def trivial_k_notes(ks: Sequence[int], n_images: int, n_texts: int) -> list[str]:
@@ -171,7 +210,8 @@ def trivial_k_notes(ks: Sequence[int], n_images: int, n_texts: int) -> list[str]
     return notes
 
 
-def retrieval_from_similarity(sim: Any, text_to_image: Any = None, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
+def retrieval_from_similarity(sim: Any, text_to_image: Any = None, ks: Sequence[int] = (1, 5, 10),
+                              n_bootstrap: int = 0, seed: int = 0) -> dict[str, Any]:
     """Image-to-text and text-to-image Recall@K from a precomputed similarity matrix.
 
     For models whose similarity is not a plain dot product (a Q-Former's best query, a learned scale):
@@ -182,6 +222,8 @@ def retrieval_from_similarity(sim: Any, text_to_image: Any = None, ks: Sequence[
         sim: ``(N_i, N_t)`` similarities of every image (slide) to every text.
         text_to_image: Image index of each text (default: text ``t`` belongs to image ``t``).
         ks: Values of K.
+        n_bootstrap: Bootstrap resamples of the queries for 95% intervals (0: none).
+        seed: Seed of the resampling.
 
     Returns:
         The structure of :func:`retrieval_recall`.
@@ -205,5 +247,6 @@ def retrieval_from_similarity(sim: Any, text_to_image: Any = None, ks: Sequence[
     has[owner] = True
     i2t = torch.where(has, (s > best[:, None]).sum(1), torch.full((n_img,), -1)).numpy()
     t2i = (s.t() > pos[:, None]).sum(1).numpy()
-    return {"image_to_text": recall_at_k(i2t, ks), "text_to_image": recall_at_k(t2i, ks), "n_images": n_img,
-            "n_texts": n_txt, "n_image_queries": int(has.sum()), "notes": trivial_k_notes(ks, n_img, n_txt)}
+    rep = {"image_to_text": recall_at_k(i2t, ks), "text_to_image": recall_at_k(t2i, ks), "n_images": n_img,
+           "n_texts": n_txt, "n_image_queries": int(has.sum()), "notes": trivial_k_notes(ks, n_img, n_txt)}
+    return _with_ci(rep, i2t, t2i, ks, n_bootstrap, seed)

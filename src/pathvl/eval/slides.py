@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from pathvl.data.slidedata import SlideDataset, pad_slides
 from pathvl.eval.loading import EvalError, EvalModel
+from pathvl.eval.overlap import note_training_overlap
 from pathvl.eval.protocols import is_slide_model
 from pathvl.eval.retrieval import retrieval_from_similarity
 from pathvl.eval.zeroshot import DEFAULT_JS, build_class_weights, topj_pool
@@ -97,14 +98,14 @@ def save_slide_embeddings(ev: EvalModel, dataset: str | Path, path: str | Path,
 
 
 def retrieve_slides(ev: EvalModel, dataset: str | Path, texts: Any, ks: Sequence[int] = (1, 5, 10),
-                    batch_size: int = 8) -> dict[str, Any]:
+                    batch_size: int = 8, n_bootstrap: int = 0, seed: int = 0) -> dict[str, Any]:
     """Slide-to-text and text-to-slide Recall@K, text ``i`` belonging to slide ``i``, ranked by the model's
     own similarity (:func:`pathvl.eval.retrieval.retrieval_from_similarity`)."""
     emb = embed_slides(ev, dataset, texts, batch_size=batch_size)
     sim = ev.model.similarity(emb["slide_emb"].to(ev.device), emb["text_emb"].to(ev.device)).float().cpu()
-    rep = retrieval_from_similarity(sim, ks=ks)
+    rep = retrieval_from_similarity(sim, ks=ks, n_bootstrap=n_bootstrap, seed=seed)
     rep["model"] = {**ev.describe(), "slides": len(emb["slide_ids"])}
-    return rep
+    return note_training_overlap(rep, ev.config, dataset, list(emb["slide_ids"]))
 
 
 @torch.no_grad()

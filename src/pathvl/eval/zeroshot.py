@@ -171,7 +171,8 @@ class PromptSet:
         if missing:
             problems.append(f"dataset labels missing from prompt file {self.source}: {missing}")
         if extra and not allow_extra:
-            problems.append(f"prompt file {self.source} has classes the dataset labels lack: {extra}")
+            problems.append(f"prompt file {self.source} has classes the dataset labels lack: {extra} (to drop them: "
+                            "allow_extra=True, or `pathvl zeroshot --allow-extra-classes`)")
         if problems:
             raise PromptError(
                 "; ".join(problems) + f" (dataset labels: {labels}; prompt classes: {self.labels})"

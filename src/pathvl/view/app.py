@@ -116,7 +116,8 @@ class Viewer:
 
     def _require_scorer(self) -> Scorer:
         if self.scorer is None:
-            raise NoScorerError("no checkpoint loaded: start the viewer with `pathvl view DATASET --checkpoint RUN`")
+            raise NoScorerError("no checkpoint loaded: start the viewer with "
+                                "`pathvl view --dataset DATASET --checkpoint RUN`")
         return self.scorer
 
     def _inputs(self, slide_id: str, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -96,7 +96,8 @@ class CaptionScorer:
                 caps.extend(f[ckey].asstr()[:])
         if not feats:
             raise ViewError(f"{root}: no slide has both features/{features} and captions; run `pathvl caption "
-                            f"{root} --captioner template` and `pathvl embed {root} --encoder {features}` first")
+                            f"--dataset {root} --captioner template` and `pathvl embed --dataset {root} "
+                            f"--encoder {features}` first")
         return cls(features, np.concatenate(feats), caps)
 
     def matches(self, text: str) -> np.ndarray:
@@ -170,6 +171,6 @@ def load_scorer(run_dir: str | Path, device: str = "cpu") -> ModelScorer:
         from pathvl.eval.loading import load_for_eval
     except ImportError as e:
         raise ViewError(f"--checkpoint needs pathvl.eval.loading and pathvl.eval.slides, missing in this install "
-                        f"({e}); run `pathvl view DATASET` without --checkpoint to browse slides") from e
+                        f"({e}); run `pathvl view --dataset DATASET` without --checkpoint to browse slides") from e
     ev = load_for_eval(run_dir, device=device)
     return ModelScorer(ev, name=f"{ev.family} ({Path(run_dir).name})")

@@ -240,7 +240,7 @@ class SlideStore:
         m = self.meta(slide_id)
         if name not in m.features:
             raise ViewError(f"slide {slide_id!r} has no features/{name} (it has: {', '.join(m.features) or 'none'}); "
-                            f"run `pathvl embed {self.root} --encoder {name}` first")
+                            f"run `pathvl embed --dataset {self.root} --encoder {name}` first")
 
         def read() -> np.ndarray:
             with self.dataset.open(slide_id) as f:

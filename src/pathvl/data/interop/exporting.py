@@ -82,14 +82,14 @@ def _pick_features(ds: Dataset, ids: list[str], features: str | None) -> str | N
         from pathvl.data.embed import feature_name
 
         name = feature_name(features)
-        ds.require(K.FEATURES, name, f"pathvl embed {ds.root} --encoder {features}")
+        ds.require(K.FEATURES, name, f"pathvl embed --dataset {ds.root} --encoder {features}")
         return name
     if len(names) > 1:
         raise InteropError(f"{ds.root}: holds several feature sets ({', '.join(sorted(names))}); "
                            "choose one with --features NAME")
     if names:
         name = names.pop()
-        ds.require(K.FEATURES, name, f"pathvl embed {ds.root} --encoder {name}")
+        ds.require(K.FEATURES, name, f"pathvl embed --dataset {ds.root} --encoder {name}")
         return name
     return None
 

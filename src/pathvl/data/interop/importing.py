@@ -57,7 +57,7 @@ class ImportSummary:
         lines = [f"imported {len(self.done)} slide(s){feats}, skipped {len(self.skipped)} already imported, "
                  f"{len(self.failed)} file(s) refused in {self.seconds:.1f} s"]
         lines += [f"  refused {e}" for e in self.failed.values()]
-        lines.append(f"dataset: {self.out}  (inspect with `pathvl info {self.out}`)")
+        lines.append(f"dataset: {self.out}  (inspect with `pathvl info --dataset {self.out}`)")
         return "\n".join(lines)
 
 

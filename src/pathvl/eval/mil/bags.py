@@ -111,7 +111,8 @@ def load_bags(root: str | Path, features: str, slide_ids: Sequence[str] | None =
     if lacking:
         other = f" (it has features of: {', '.join(sorted(have))})" if have else " (it has no features yet)"
         raise MILError(f"{root}: slide {lacking[0]!r} has no {key}" + (f", nor do {len(lacking) - 1} more slide(s)"
-                       if len(lacking) > 1 else "") + f"{other}; run `pathvl embed {root} --encoder {features}` first")
+                       if len(lacking) > 1 else "") + f"{other}; run `pathvl embed --dataset {root} "
+                       f"--encoder {features}` first")
     bags: dict[str, Bag] = {}
     used = 0
     for sid in tqdm(ids, desc="read bags", unit="slide", disable=None if progress else True):
@@ -124,7 +125,7 @@ def load_bags(root: str | Path, features: str, slide_ids: Sequence[str] | None =
             spath = f.attrs.get(K.ATTR_SLIDE_PATH)
         if len(feats) != len(coords):
             raise MILError(f"slide {sid!r}: {key} has {len(feats)} rows but patches/coords {len(coords)}; "
-                           f"re-run `pathvl embed {root} --encoder {features} --overwrite`")
+                           f"re-run `pathvl embed --dataset {root} --encoder {features} --overwrite`")
         rows = np.arange(len(coords))
         if mag is not None:
             rows = np.flatnonzero(np.isclose(mags, float(mag)))
@@ -139,7 +140,7 @@ def load_bags(root: str | Path, features: str, slide_ids: Sequence[str] | None =
             bad = np.flatnonzero(~finite)
             raise MILError(f"slide {sid!r}: {key} holds NaN or infinite values in {len(bad)} of {len(feats)} "
                            f"patches (rows {_some(rows[bad].tolist(), 4)}); re-run "
-                           f"`pathvl embed {root} --encoder {features} --overwrite`")
+                           f"`pathvl embed --dataset {root} --encoder {features} --overwrite`")
         fpx = np.array([float(fps.get(f"{m:g}", fps.get(str(m), 0))) for m in mags[rows]])
         keep = used + feats.nbytes <= cache_bytes
         used += feats.nbytes if keep else 0
