@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -131,7 +132,7 @@ def test_full_disk_mid_write_leaves_the_dataset_byte_identical(ds, slides, tmp_p
     before = _hashes(ds)
     biggest = max(p.stat().st_size for p in ds.glob("*.h5"))
     if stage.startswith("tile"):  # a new slide, with pixels, into the existing dataset
-        args = ["tile", str(slides[3]), "--out", str(ds), *SPEC_ARGS, "--store-pixels", "--no-progress"]
+        args = ["tile", str(slides[3]), "--out", str(ds), *SPEC_ARGS, "--store-pixels", "--no-progress", "--overlay"]
         limit = "40000" if stage == "tile-overlay" else "no-overlay:40000"
     elif stage == "caption":
         args, limit = ["caption", str(ds), "--captioner", "template", "--name", "t2", "--no-progress"], biggest + 2000
@@ -226,7 +227,7 @@ def test_a_truncated_file_fails_alone(ds, stage, capsys):
 def test_tile_info_check_and_pretrain_on_a_damaged_file(ds, slides, tmp_path, capsys):
     _truncate(ds / "b.h5")
     # info lists it and still describes the rest
-    assert main(["info", str(ds)]) == 0
+    assert main(["info", "--dataset", str(ds)]) == 0
     out = capsys.readouterr().out
     assert "slides     3 done, 0 failed, 1 damaged" in out and f"damaged    {ds / 'b.h5'}: damaged" in out
     # check names it and exits 1
@@ -464,3 +465,36 @@ def test_a_crafted_manifest_id_cannot_escape_the_dataset(ds, capsys):
     assert hashlib.sha256(victim.read_bytes()).hexdigest() == before
     assert sorted(p.name for p in ds.parent.iterdir()) == ["ds", "victim.h5"]
     assert "invalid slide id" in "\n".join(Dataset(ds).check())
+
+
+def test_a_truncated_pyramid_is_named_once_before_any_pixel(slides, tmp_path, capfd):
+    """A slide cut at 20/60/95% opens with tiffslide, then every pixel read failed through zarr/asyncio with
+    library tracebacks; now the open names the truncation in one line and tifffile's warnings stay quiet."""
+    import tifffile
+
+    from pathvl.slide.reader import SlideError, open_slide, tiff_damage
+
+    data = slides[3].read_bytes()
+    with tifffile.TiffFile(slides[3]) as t:  # the hand-computed end of each page's tile data
+        ends = [max(int(o) + int(c) for o, c in zip(p.dataoffsets, p.databytecounts)) for p in t.pages]
+        ifds = [int(p.offset) for p in t.pages]
+    assert tiff_damage(slides[3]) is None
+    for frac in (0.2, 0.6, 0.95):
+        cut = tmp_path / f"cut{int(frac * 100)}.svs"
+        cut.write_bytes(data[:int(len(data) * frac)])
+        n = cut.stat().st_size
+        why = tiff_damage(cut)
+        seen = next((k for k, off in enumerate(ifds) if off >= n), len(ifds))  # pages whose directory survives
+        past = [k for k, e in enumerate(ends[:seen]) if e > n]
+        if past:
+            k = max(past, key=lambda k: ends[k])
+            assert why.startswith(f"truncated: the file has {n:,} bytes but page {k}'s tile data reaches byte "
+                                  f"{ends[k]:,}")
+        else:
+            assert why is not None and "truncated or damaged" in why
+        with pytest.raises(SlideError, match=rf"^{re.escape(str(cut))}: truncated"):
+            open_slide(cut)
+    rc = main(["tile", str(tmp_path / "cut60.svs"), "--out", str(tmp_path / "ds"), *SPEC_ARGS, "--no-progress"])
+    got = capfd.readouterr()
+    assert rc == 1 and "failed cut60: " in got.out and "truncated" in got.out
+    assert "Traceback" not in got.err and "tifffile" not in got.err and "asyncio" not in got.err

@@ -70,7 +70,7 @@ def _check_tree(d: dict, footprints: dict[float, int], mags: tuple[float, ...]) 
 def test_cmu_real_slide_skip_and_upsample(tmp_path):
     """The real 20x CMU slide: 40x goes through the policy; footprints follow mpp 0.499 exactly."""
     out = tmp_path / "ds"
-    rc = main(["tile", str(CMU), "--out", str(out), "--min-tissue", "0.1", "--no-progress"])
+    rc = main(["tile", str(CMU), "--out", str(out), "--min-tissue", "0.1", "--overlay", "--no-progress"])
     assert rc == 0
     d = _h5(out / "CMU-1-Small-Region.h5")
     a = d["attrs"]
@@ -88,6 +88,7 @@ def test_cmu_real_slide_skip_and_upsample(tmp_path):
                  "--no-progress"]) == 0
     d2 = _h5(out2 / "CMU-1-Small-Region.h5")
     _check_tree(d2, fps, (5.0, 10.0, 20.0, 40.0))
+    assert not (out2 / "CMU-1-Small-Region.tissue.png").exists()  # an overlay only on demand (issue 17)
     assert len(d2[K.COORDS]) == 85 and list(d2["attrs"][K.ATTR_UPSAMPLED]) == [40.0]
 
 
@@ -239,6 +240,9 @@ def test_low_tissue_says_what_to_change(tmp_path, capsys):
     assert rc == 1
     reason = json.loads((out / K.MANIFEST).read_text())["slides"]["CMU-1-Small-Region"]["reason"]
     assert "with tissue >= 0.5" in reason and "use --min-tissue 0." in reason and "--patch-px" in reason
+    # no --overlay, yet the failed slide's mask is written, and named, so the user can see why
+    overlay = out / "CMU-1-Small-Region.tissue.png"
+    assert reason.endswith(f"The tissue mask: {overlay}") and overlay.exists()
 
 
 def test_fewer_bags_than_asked_warns(tmp_path, slides, capsys):
@@ -354,6 +358,10 @@ def test_info_slide_and_dataset(tmp_path, slides, capsys):
     assert "2220 x 2967" in text and "0.4990 um/px" in text and "from metadata" in text
     out = tmp_path / "ds"
     tile_slides([slides["odd"]], out, TileSpec(patch_px=128, parents=2, min_tissue=0.3), TileOptions(progress=False))
-    assert main(["info", str(out)]) == 0
+    assert main(["info", "--dataset", str(out)]) == 0
     text = capsys.readouterr().out
+    assert main(["info", str(out)]) == 0  # the old spelling: same text, one deprecation line
+    dep = capsys.readouterr()
+    assert dep.out == text and f"deprecated: a dataset as PATH; write --dataset {out}" in dep.err
+    assert main(["info"]) == 2 and "give a slide file" in capsys.readouterr().err
     assert "1 done, 0 failed" in text and "bags       2" in text and "40x: 128" in text

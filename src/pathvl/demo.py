@@ -179,7 +179,7 @@ def run_demo(out: str | Path = "pathvl-demo", *, quick: bool = False, steps: int
     if tiled.failed:
         raise RuntimeError(f"demo slides failed to tile: {tiled.failed}")
     tile_slides([held], heldout, TileSpec(patch_px=st["patch_px"], parents=st["heldout_parents"], min_tissue=0.5),
-                TileOptions(progress=progress, store_pixels=True))
+                TileOptions(progress=progress, store_pixels=True, overlay=True))
     for root in (data, heldout):
         caption_dataset(root, CAPTIONER, progress=progress)
         embed_dataset(root, ENCODER, workers=0, batch_size=256, progress=progress)

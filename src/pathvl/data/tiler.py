@@ -1,6 +1,6 @@
 """``pathvl tile``: slides in, dataset out.
 
-Each slide is opened, its tissue detected on a thumbnail (overlay written beside the dataset), its roots
+Each slide is opened, its tissue detected on a thumbnail (an overlay beside the dataset with ``overlay``), its roots
 chosen and its tree laid out (:mod:`pathvl.slide.tiling`), and the patch table (plus, optionally, every
 patch's pixels as JPEG) written to ``<slide_id>.h5``. A finished slide is skipped on a rerun; a failed
 one is recorded in the manifest with its reason and the others go on.
@@ -104,6 +104,8 @@ class TileOptions:
         progress: Show progress bars.
         overwrite: Tile every given slide again, also when done; a dataset tiled with another spec is
             rewritten with this one.
+        overlay: Write ``<slide_id>.tissue.png`` (the mask over the thumbnail) for every slide. Without it
+            the overlay is written only for a slide whose tissue finds no patch, to show why.
     """
 
     mpp: float | None = None
@@ -113,6 +115,7 @@ class TileOptions:
     shard: tuple[int, int] = (0, 1)
     progress: bool = True
     overwrite: bool = False
+    overlay: bool = False
 
 
 @dataclass
@@ -159,7 +162,7 @@ class TileSummary:
             lines.append(f"  {len(self.busy)} slide(s) skipped: another process is tiling them "
                          f"({', '.join(sorted(self.busy)[:5])}); rerun to check them")
         lines += [f"  failed {sid}: {why}" for sid, why in sorted(self.failed.items())]
-        lines.append(f"dataset: {self.out}  (inspect with `pathvl info {self.out}`)")
+        lines.append(f"dataset: {self.out}  (inspect with `pathvl info --dataset {self.out}`)")
         return "\n".join(lines)
 
 
@@ -214,23 +217,33 @@ def tile_slide(path: Path, out: Path, spec: TileSpec, opts: TileOptions, bag_bar
     with open_slide(path, mpp=opts.mpp) as slide:
         sid = check_slide_id(slide.slide_id)
         mpp = slide.require_mpp()
-        thumb, ds = slide.thumbnail(thumbnail_px(slide.dimensions, mpp))
+        n_thumb = thumbnail_px(slide.dimensions, mpp)
+        # a pyramid level within 2x of the thumbnail is read as it is (issue 17: no whole large level)
+        thumb, ds = slide.thumbnail(n_thumb, min_size=n_thumb // 2)
         mask = detect_tissue(thumb, mpp=mpp * ds)
         overlay = out / f"{sid}.tissue.png"
         new_overlay = not overlay.exists()
-        try:
-            save_overlay(thumb, mask, overlay)
-        except OSError as e:
-            if is_disk_full(e):
-                raise disk_full_error(overlay, e) from e
-            raise
+
+        def write_overlay() -> None:
+            try:
+                save_overlay(thumb, mask, overlay)
+            except OSError as e:
+                if is_disk_full(e):
+                    raise disk_full_error(overlay, e) from e
+                raise
+
+        if opts.overlay:
+            write_overlay()
         if not mask.any():
+            write_overlay()
             raise SlideError(f"{path}: no tissue found on the thumbnail; see {overlay}")
         imask = IntegralMask(mask, ds)
         try:
             plan = plan_slide(spec, slide.slide_id, slide.dimensions, mpp, imask, where=str(path))
         except SpecError as e:
-            raise SpecError(f"{e}. {explain_no_roots(spec, slide.dimensions, mpp, imask)}") from e
+            write_overlay()
+            raise SpecError(f"{e}. {explain_no_roots(spec, slide.dimensions, mpp, imask)} The tissue mask: "
+                            f"{overlay}") from e
         table = plan.all_patches()
         F = np.array([plan.footprints[m] for m in plan.mags])
         fp = F[np.searchsorted(np.asarray(plan.mags), table["magnification"])]
