@@ -2,7 +2,16 @@
 
 A bag is a contiguous block of rows in a slide file (``pathvl tile`` writes bag after bag), so one bag is
 one HDF5 slice per array, whatever the dataset size. The index holds ``(slide, first row, size)`` per
-bag; workers open slide files lazily and keep them open.
+bag; it comes from the slide index cached in the dataset folder (:mod:`pathvl.data.index`), so building
+the dataset opens no slide file once the cache is fresh.
+
+Where the rows are read from (``store``):
+- ``"auto"`` (the default, what training uses): the pack of these features and captions when
+  ``pathvl pack`` wrote one (``DATASET/packs/<features>/<captions>``, :mod:`pathvl.data.pack`), else the
+  slide files. A pack older than the slide files is refused with the command that rebuilds it.
+- ``"pack"``: the pack, which must exist; ``"files"``: the slide files, a pack ignored.
+Slide files are kept open in a bounded least-recently-used set per process (:mod:`pathvl.data.handles`,
+``max_open_files``); a pack is one memory map per array. Both give the same items (tested).
 
 :func:`collate_bags` flattens a list of bags into one batch of patches (no padding: bags with fewer than
 85 patches, e.g. a 20x scan whose 40x level was skipped, simply contribute fewer rows), remaps parent
@@ -14,14 +23,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset as TorchDataset
 
 from pathvl import _const as K
 from pathvl.data.dataset import Dataset, DatasetError
+from pathvl.data.handles import DEFAULT_MAX_OPEN_FILES, HandleCache
+from pathvl.data.index import load_index
+from pathvl.data.pack import PackedStore, pack_command, pack_dir
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,10 @@ class BagSource:
     mags: tuple[float, ...] = ()
 
 
+def _texts(values) -> list[str]:
+    return [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in values]
+
+
 class BagDataset(TorchDataset):
     """Map-style dataset of bags over a dataset folder.
 
@@ -46,62 +62,71 @@ class BagDataset(TorchDataset):
         root: Dataset folder.
         source: Arrays to read.
         slide_ids: Restrict to these slides (e.g. a train split); default all done slides.
+        store: ``"auto"``, ``"pack"`` or ``"files"`` (see the module docstring).
+        max_open_files: Bound of slide files open at once in each process (reading from the files).
 
     Raises:
-        DatasetError: A stage is missing; the message names the command to run.
+        DatasetError: A stage is missing (the message names the command to run); ``store="pack"`` without
+            a pack; a stale pack (:class:`~pathvl.data.pack.StalePackError`, naming ``pathvl pack``).
     """
 
-    def __init__(self, root: str | Path, source: BagSource, slide_ids: list[str] | None = None) -> None:
-        from pathvl.data.embed import feature_name
-
+    def __init__(self, root: str | Path, source: BagSource, slide_ids: list[str] | None = None, *,
+                 store: Literal["auto", "pack", "files"] = "auto",
+                 max_open_files: int = DEFAULT_MAX_OPEN_FILES) -> None:
+        if store not in ("auto", "pack", "files"):
+            raise ValueError(f"store must be 'auto', 'pack' or 'files', got {store!r}")
         self.ds = Dataset(root)
         self.source = source
-        self.feat_key = f"{K.FEATURES}/{feature_name(source.features)}"
-        self.cap_key = f"{K.CAPTIONS}/{source.captions}"
-        self.kw_key = f"{K.KEYWORDS}/{source.captions}"
+        self.feat_key = K.features_key(source.features)
+        self.cap_key = K.captions_key(source.captions)
+        self.kw_key = K.keywords_key(source.captions)
         ids = slide_ids if slide_ids is not None else self.ds.slide_ids()
         if not ids:
             raise DatasetError(f"{root}: no tiled slides; run `pathvl tile` first")
-        self.ds.require(K.FEATURES, feature_name(source.features), f"pathvl embed {root} --encoder {source.features}")
-        self.ds.require(K.CAPTIONS, source.captions, f"pathvl caption {root} --captioner {source.captions}")
         self.slide_ids = list(ids)
-        index = []
-        self.feature_dim = 0
+        index = load_index(self.ds, self.slide_ids)
+        index.require(self.feat_key, f"pathvl embed --dataset {root} --encoder {source.features}")
+        index.require(self.cap_key, f"pathvl caption --dataset {root} --captioner {source.captions}")
+        self.feature_dim = int(index[self.slide_ids[-1]].datasets[self.feat_key][1])
+        parts = []
         for s, sid in enumerate(self.slide_ids):
-            with self.ds.open(sid) as f:
-                parent = f[K.PARENT][:]
-                self.feature_dim = int(f[self.feat_key].shape[1])
-            roots = np.flatnonzero(parent < 0)
-            ends = np.append(roots[1:], len(parent))
-            index += [(s, int(a), int(b - a)) for a, b in zip(roots, ends)]
-        self.index = np.asarray(index, dtype=np.int64).reshape(-1, 3)
-        self._files: dict[int, h5py.File] = {}
+            first, size = index[sid].bags()
+            parts.append(np.stack([np.full(len(first), s), first, size], axis=1))
+        self.index = np.concatenate(parts).astype(np.int64).reshape(-1, 3)
+        self._has_kw = np.array([self.kw_key in index[sid].datasets for sid in self.slide_ids])
+        self.handles = HandleCache(max_open_files)
+        self.pack: PackedStore | None = None
+        self._pack_rows: np.ndarray | None = None
+        where = pack_dir(root, source.features, source.captions)
+        command = pack_command(root, source.features, source.captions)
+        if store == "pack" or (store == "auto" and (where / "meta.json").exists()):
+            if store == "pack" and not (where / "meta.json").exists():
+                raise DatasetError(f"{where}: no pack; write it with `{command}`, or read the slide files "
+                                   "(store='files')")
+            self.pack = PackedStore(where)
+            self._pack_rows = self.pack.first_rows(index, self.slide_ids, command)
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def _file(self, s: int) -> h5py.File:
-        f = self._files.get(s)
-        if f is None:
-            f = self._files[s] = h5py.File(self.ds.path(self.slide_ids[s]), "r")
-        return f
+    def close(self) -> None:
+        """Close the slide files opened by this process."""
+        self.handles.close()
 
-    def __getstate__(self) -> dict:  # open HDF5 handles do not cross process boundaries
-        d = self.__dict__.copy()
-        d["_files"] = {}
-        return d
+    def _read(self, s: int, a: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], list[str]]:
+        """Rows ``a .. a + n`` of slide ``s``: magnification, parent (slide rows), features, captions, keywords."""
+        if self.pack is not None:
+            return self.pack.read(int(self._pack_rows[s]) + a, n)
+        f = self.handles.get(self.ds.path(self.slide_ids[s]))
+        sl = slice(a, a + n)
+        kws = _texts(f[self.kw_key][sl]) if self._has_kw[s] else [""] * n
+        return f[K.MAGNIFICATION][sl], f[K.PARENT][sl], f[self.feat_key][sl], _texts(f[self.cap_key][sl]), kws
 
     def __getitem__(self, i: int) -> dict:
         s, a, n = (int(v) for v in self.index[i])
-        f = self._file(s)
-        sl = slice(a, a + n)
-        mags = f[K.MAGNIFICATION][sl]
-        gp = f[K.PARENT][sl]
+        mags, gp, feats, caps, kws = self._read(s, a, n)
         parent = np.where(gp >= 0, gp - a, -1)  # rows within the bag; roots keep -1
-        feats = f[self.feat_key][sl].astype(np.float32)
-        caps = [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in f[self.cap_key][sl]]
-        kws = ([c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in f[self.kw_key][sl]]
-               if self.kw_key in f else [""] * n)
+        feats = feats.astype(np.float32)
         keep = np.arange(n)
         if self.source.mags:
             kept = np.isin(mags, np.asarray(self.source.mags, dtype=mags.dtype))

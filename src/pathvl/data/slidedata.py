@@ -32,6 +32,8 @@ from torch.utils.data import Dataset as TorchDataset
 
 from pathvl import _const as K
 from pathvl.data.dataset import Dataset, DatasetError
+from pathvl.data.handles import DEFAULT_MAX_OPEN_FILES, HandleCache
+from pathvl.data.index import load_index
 from pathvl.data.tables import read_table
 
 __all__ = [
@@ -167,6 +169,7 @@ class SlideDataset(TorchDataset):
         mags: Keep only these magnifications (default: all patches of the file).
         train: Random patch / sub-caption sampling (re-drawn per epoch, see :meth:`set_epoch`).
         seed: Seed of the sampling.
+        max_open_files: Bound of slide files open at once in each process (:mod:`pathvl.data.handles`).
 
     Raises:
         DatasetError: No slides, missing features (the message names ``pathvl embed``), slides without
@@ -176,7 +179,7 @@ class SlideDataset(TorchDataset):
     def __init__(self, root: str | Path, texts: str | Path | Mapping[str, Any] | None, features: str, *,
                  slide_ids: Sequence[str] | None = None, max_patches: int = 4096, n_subcaptions: int = 8,
                  decomposer: str | Callable[[str], list[str]] = "rules", mags: Sequence[float] = (),
-                 train: bool = True, seed: int = 0) -> None:
+                 train: bool = True, seed: int = 0, max_open_files: int = DEFAULT_MAX_OPEN_FILES) -> None:
         from pathvl.text.decompose import build_decomposer
 
         self.ds = Dataset(root)
@@ -218,16 +221,8 @@ class SlideDataset(TorchDataset):
         empty = [s for s in ids if self.has_texts and not all_texts[s].caption.strip()]
         if empty:
             raise DatasetError(f"slides without text: {len(empty)} slide(s) have an empty caption (e.g. {empty[:3]})")
-        missing_feat = []
-        for sid in ids:
-            with self.ds.open(sid) as f:
-                if self.feat_key not in f:
-                    missing_feat.append(sid)
-        if missing_feat:
-            raise DatasetError(
-                f"{root}: {len(missing_feat)} slide(s) lack {self.feat_key} (e.g. {missing_feat[0]}); run "
-                f"`pathvl embed {root} --encoder {features}` first"
-            )
+        index = load_index(self.ds, list(ids))
+        index.require(self.feat_key, f"pathvl embed --dataset {root} --encoder {features}")
         dec = build_decomposer(decomposer) if isinstance(decomposer, str) else decomposer
         self.slide_ids = list(ids)
         self.captions: list[str] = []
@@ -247,26 +242,21 @@ class SlideDataset(TorchDataset):
                 )
             self.captions.append(t.caption.strip())
             self.subcaptions.append(subs)
-        # per-slide static info: rows kept, level-0 size, feature width
+        # per-slide static info (from the slide index: no file opened when it is fresh)
         self._rows: list[np.ndarray] = []
         self._size: list[tuple[float, float]] = []
         self.feature_dim = 0
         for sid in self.slide_ids:
-            with self.ds.open(sid) as f:
-                n = len(f[K.COORDS])
-                rows = np.arange(n)
-                if self.mags:
-                    m = f[K.MAGNIFICATION][:]
-                    rows = np.flatnonzero(np.isin(m, np.asarray(self.mags, dtype=m.dtype)))
-                if len(rows) == 0:
-                    raise DatasetError(f"slide {sid}: no patches{' at ' + str(self.mags) if self.mags else ''}")
-                size = f.attrs.get(K.ATTR_SLIDE_SIZE)
-                self.feature_dim = int(f[self.feat_key].shape[1])
-            if size is None:
+            e = index[sid]
+            rows = e.rows_at(self.mags)
+            if len(rows) == 0:
+                raise DatasetError(f"slide {sid}: no patches{' at ' + str(self.mags) if self.mags else ''}")
+            if e.slide_size is None:
                 raise DatasetError(f"{self.ds.path(sid)}: no {K.ATTR_SLIDE_SIZE} attribute; re-tile the slide")
+            self.feature_dim = int(e.datasets[self.feat_key][1])
             self._rows.append(rows)
-            self._size.append((float(size[0]), float(size[1])))
-        self._files: dict[int, h5py.File] = {}
+            self._size.append(e.slide_size)
+        self.handles = HandleCache(max_open_files)
 
     def __len__(self) -> int:
         return len(self.slide_ids)
@@ -276,21 +266,11 @@ class SlideDataset(TorchDataset):
         self.epoch = int(epoch)
 
     def _file(self, i: int) -> h5py.File:
-        f = self._files.get(i)
-        if f is None:
-            f = self._files[i] = h5py.File(self.ds.path(self.slide_ids[i]), "r")
-        return f
+        return self.handles.get(self.ds.path(self.slide_ids[i]))
 
     def close(self) -> None:
         """Close the slide files opened by this process."""
-        for f in self._files.values():
-            f.close()
-        self._files = {}
-
-    def __getstate__(self) -> dict:  # open HDF5 handles do not cross process boundaries
-        d = self.__dict__.copy()
-        d["_files"] = {}
-        return d
+        self.handles.close()
 
     def feature_stats(self, max_patches: int = 200_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Per-dimension mean and standard deviation of the patch features (of up to ``max_patches`` patches

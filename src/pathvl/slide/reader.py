@@ -41,7 +41,13 @@ from pathvl.slide.dicom import (  # noqa: F401  (re-exported)
     _series_of,
     dicom_series,
 )
-from pathvl.slide.tiff import _SMALL_LEVEL_PX, TILE_CACHE_BYTES, TiffLevels, TileCache  # noqa: F401  (re-exported)
+from pathvl.slide.tiff import (  # noqa: F401  (re-exported)
+    _SMALL_LEVEL_PX,
+    TILE_CACHE_BYTES,
+    TiffLevels,
+    TileCache,
+    tiff_damage,
+)
 
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm",
@@ -411,71 +417,6 @@ def _open_wsidicom(path: Path) -> _WsiDicomSlide:
     from wsidicom import WsiDicom
 
     return _WsiDicomSlide(WsiDicom.open(list(_series_of(path).files)))
-
-
-class _Collect:
-    """A logging handler that keeps what tifffile says instead of printing it."""
-
-    def __init__(self) -> None:
-        import logging
-
-        self.messages: list[str] = []
-        self.handler = logging.Handler(logging.WARNING)
-        self.handler.emit = lambda record: self.messages.append(record.getMessage())  # type: ignore[method-assign]
-
-    def __enter__(self) -> _Collect:
-        import logging
-
-        log = logging.getLogger("tifffile")
-        self._saved = (log.propagate, log.level)
-        log.addHandler(self.handler)
-        log.propagate = False
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import logging
-
-        log = logging.getLogger("tifffile")
-        log.removeHandler(self.handler)
-        log.propagate, _ = self._saved
-
-
-def tiff_damage(path: Path) -> str | None:
-    """Why a TIFF-family slide is incomplete (truncated, directories out of the file), or ``None``.
-
-    A truncated copy opens (tiffslide reads the first directory) and fails later, pixel by pixel, with
-    library tracebacks; this check compares every page's tile data against the file size up front.
-    tifffile's own warnings are collected, not printed.
-    """
-    if path.suffix.lower() not in (".tif", ".tiff", ".svs", ".btf", ".ndpi", ".scn", ".bif", ".qptiff"):
-        return None
-    import tifffile
-
-    size = path.stat().st_size
-    with _Collect() as said:
-        try:
-            with tifffile.TiffFile(str(path)) as t:
-                pages = list(t.pages)
-                ends = []  # per page: the end of each written tile (unwritten ones have 0 bytes)
-                for page in pages:
-                    off = np.asarray(getattr(page, "dataoffsets", ()), dtype=np.int64)
-                    cnt = np.asarray(getattr(page, "databytecounts", ()), dtype=np.int64)
-                    ends.append((off + cnt)[cnt > 0])
-        except Exception as e:
-            if "not a TIFF file" in str(e):  # another format under a TIFF name: the backends say what it is
-                return None
-            return f"not a complete TIFF ({type(e).__name__}: {e}; tifffile: {'; '.join(said.messages) or '-'})"
-    n_beyond = sum(int((e > size).sum()) for e in ends)
-    if n_beyond:
-        k = max(range(len(ends)), key=lambda j: int(ends[j].max()) if len(ends[j]) else -1)
-        return (f"truncated: the file has {size:,} bytes but page {k}'s tile data reaches byte {int(ends[k].max()):,} "
-                f"({n_beyond} tile(s) beyond the end; an incomplete copy or download?)")
-    lost = [m for m in said.messages if "invalid page offset" in m or "invalid offset" in m]
-    if lost:
-        return f"truncated or damaged: directories point outside the file of {size:,} bytes ({lost[0]})"
-    if not pages:
-        return "no image directory (truncated or damaged)"
-    return None
 
 
 def _open_handle(path: Path) -> tuple[object, str]:
