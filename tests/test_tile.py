@@ -365,3 +365,25 @@ def test_info_slide_and_dataset(tmp_path, slides, capsys):
     assert dep.out == text and f"deprecated: a dataset as PATH; write --dataset {out}" in dep.err
     assert main(["info"]) == 2 and "give a slide file" in capsys.readouterr().err
     assert "1 done, 0 failed" in text and "bags       2" in text and "40x: 128" in text
+
+
+def test_one_dataset_flag_for_tile_and_pretrain(tmp_path, slides, capsys, monkeypatch):
+    """Issue 15: --dataset everywhere; tile's old --out still works with one deprecation line."""
+    new, old = tmp_path / "new", tmp_path / "old"
+    args = [str(slides["odd"]), "--patch-px", "128", "--parents", "1", "--min-tissue", "0.3", "--no-progress"]
+    assert main(["tile", *args, "--dataset", str(new)]) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    assert main(["tile", *args, "--out", str(old)]) == 0
+    assert f"deprecated: --out {old}; write --dataset {old}" in capsys.readouterr().err
+    assert _h5(new / "odd.h5")[K.COORDS].tolist() == _h5(old / "odd.h5")[K.COORDS].tolist()
+    assert main(["tile", *args]) == 2 and "give --dataset DATASET" in capsys.readouterr().err
+
+    import pathvl.train.engine as E
+
+    seen = []
+    monkeypatch.setattr(E, "pretrain", lambda config, overrides, resume=None: seen.append(overrides) or
+                        type("R", (), {"step": 0, "checkpoint": None, "run_dir": "r"})())
+    assert main(["pretrain", "--config", "mrplip-tiny", "--dataset", str(new), "run.steps=3"]) == 0
+    assert seen == [[f"data.dataset={new}", "run.steps=3"]]
+    assert main(["pretrain", "--config", "mrplip-tiny", "--dataset", str(new), f"data.dataset={old}"]) == 2
+    assert "disagree" in capsys.readouterr().err

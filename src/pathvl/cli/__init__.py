@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pathvl import __version__
-from pathvl.cli._shape import add_dataset, require_dataset
+from pathvl.cli._shape import add_dataset, add_dataset_option_alias, require_dataset
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -135,9 +135,9 @@ def _jpeg_quality(text: str) -> int:
 
 # ----------------------------------------------------------------------------------------------- tile
 TILE_EXAMPLE = """example:
-  pathvl tile slides/ --out data/mrplip                      # 5/10/20/40x bags of 85, 20 per slide
-  pathvl tile a.svs b.svs --out data/grid --mags 20 --patch-px 256 --parents all   # full 20x grid
-  pathvl tile slides/ --out data/mrplip --shard 0/4          # one of four machines
+  pathvl tile slides/ --dataset data/mrplip                      # 5/10/20/40x bags of 85, 20 per slide
+  pathvl tile a.svs b.svs --dataset data/grid --mags 20 --patch-px 256 --parents all   # full 20x grid
+  pathvl tile slides/ --dataset data/mrplip --shard 0/4          # one of four machines
 exit codes: 0 all tiled, 3 some slides failed (listed) and the others were tiled, 1 nothing could be tiled,
 2 a usage error.
 """
@@ -153,7 +153,8 @@ def _add_tile(sub) -> None:
                        description="Cut whole-slide images into the multi-resolution patch dataset.",
                        epilog=TILE_EXAMPLE, formatter_class=_Formatter)
     p.add_argument("slides", nargs="+", help="slide files or folders of slides")
-    p.add_argument("--out", required=True, help="dataset folder (created; reruns skip finished slides)")
+    p.add_argument("--dataset", default=None, help="dataset folder (created; reruns skip finished slides) (required)")
+    add_dataset_option_alias(p, "--out")
     p.add_argument("--mags", nargs="+", type=_positive_float, default=[5.0, 10.0, 20.0, 40.0],
                    help="physical magnifications, ascending, each a power-of-two multiple of the first")
     p.add_argument("--patch-px", type=_int_ge1, default=512, help="patch side in pixels at its own magnification")
@@ -189,7 +190,9 @@ def _run_tile(a: argparse.Namespace) -> int:
     opts = TileOptions(mpp=a.mpp, store_pixels=a.store_pixels, jpeg_quality=a.jpeg_quality,
                        workers=max(1, a.workers), shard=a.shard or shard_from_env(), progress=not a.no_progress,
                        overwrite=a.overwrite, overlay=a.overlay)
-    summary = tile_slides(a.slides, a.out, spec, opts)
+    if not a.dataset:
+        raise argparse.ArgumentTypeError("give --dataset DATASET, the folder to write")
+    summary = tile_slides(a.slides, a.dataset, spec, opts)
     print(summary.text())
     for sid, (made, asked) in sorted(summary.short.items()):
         print(f"pathvl tile: warning: {sid}: only {made} of the {asked} bags asked (--parents) fit; "
@@ -303,10 +306,10 @@ def _run_caption(a: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- pretrain
 PRETRAIN_EXAMPLE = """example:
-  pathvl pretrain --config mrplip-tiny data.dataset=data/mrplip            # packaged config + overrides
+  pathvl pretrain --config mrplip-tiny --dataset data/mrplip run.steps=50  # packaged config + overrides
   pathvl pretrain --config my.yaml optim.lr=3e-4 losses.mrtva=0 data.mags=[20]   # ablations
   pathvl pretrain --resume runs/mrplip-tiny                                  # continue exactly
-  torchrun --nproc_per_node 8 -m pathvl.cli pretrain --config mrplip-base data.dataset=data/mrplip
+  torchrun --nproc_per_node 8 -m pathvl.cli pretrain --config mrplip-base --dataset data/mrplip
 packaged configs: mrplip-tiny, mrplip-cpu, mrplip-base (and the families' own, see src/pathvl/configs)
 """
 
@@ -317,6 +320,7 @@ def _add_pretrain(sub) -> None:
                        epilog=PRETRAIN_EXAMPLE, formatter_class=_Formatter)
     p.add_argument("--config", default=None, help="YAML file or packaged config name")
     p.add_argument("--resume", default=None, help="run folder to continue (its saved config is used)")
+    p.add_argument("--dataset", default=None, help="dataset folder to train on (the same as data.dataset=DATASET)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4")
     p.set_defaults(func=_run_pretrain)
 
@@ -326,7 +330,13 @@ def _run_pretrain(a: argparse.Namespace) -> int:
 
     if not a.config and not a.resume:
         raise argparse.ArgumentTypeError("give --config FILE (or a packaged name) or --resume RUN_DIR")
-    res = pretrain(a.config, list(a.overrides), resume=a.resume)
+    overrides = list(a.overrides)
+    if a.dataset is not None:
+        given = [o.split("=", 1)[1] for o in overrides if o.startswith("data.dataset=")]
+        if any(g != a.dataset for g in given):
+            raise argparse.ArgumentTypeError(f"--dataset {a.dataset} and data.dataset={given[0]} disagree; give one")
+        overrides.insert(0, f"data.dataset={a.dataset}")
+    res = pretrain(a.config, overrides, resume=a.resume)
     print(f"trained to step {res.step}; checkpoint {res.checkpoint}; run folder {res.run_dir}")
     return 0
 
@@ -655,7 +665,7 @@ _COMMANDS: list[Callable] = [
 # Commands that live in their own module of this package: each has ``register(sub)`` adding its parser(s).
 _COMMAND_MODULES: tuple[str, ...] = (
     "pathvl.cli.interop", "pathvl.cli.mil", "pathvl.cli.learn", "pathvl.cli.ask", "pathvl.cli.check", "pathvl.cli.view",
-    "pathvl.cli.configs", "pathvl.cli.synth", "pathvl.cli.pack",
+    "pathvl.cli.configs", "pathvl.cli.synth",
 )
 
 

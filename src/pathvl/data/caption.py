@@ -368,7 +368,7 @@ def caption_dataset(
     ds = Dataset(root)
     ids = ds.slide_ids()
     if not ids:
-        raise DatasetError(f"{root}: no tiled slides; run `pathvl tile SLIDES --out {root}` first")
+        raise DatasetError(f"{root}: no tiled slides; run `pathvl tile SLIDES --dataset {root}` first")
     try:
         cap = build_captioner(captioner, **dict(options or {})) if isinstance(captioner, str) else captioner
     except ValueError as e:

@@ -277,7 +277,7 @@ def slide_heatmaps(ev: Any, root: str | Path, slide_id: str, texts: str | Sequen
     ds = Dataset(root)
     if slide_id not in ds.slide_ids():
         raise DatasetError(f"{root}: slide {slide_id!r} is not in the dataset (tiled slides: "
-                           f"{ds.slide_ids()[:5]}...); tile it with `pathvl tile SLIDE --out {root}`")
+                           f"{ds.slide_ids()[:5]}...); tile it with `pathvl tile SLIDE --dataset {root}`")
     key = K.features_key(features)
     with ds.open(slide_id) as f:
         if key not in f:

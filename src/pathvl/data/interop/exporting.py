@@ -211,7 +211,7 @@ def export_dataset(root: str | Path, out: str | Path, fmt: str, *, mag: float | 
     ds = Dataset(root)
     ids = ds.slide_ids()
     if not ids:
-        raise DatasetError(f"{root}: no tiled slides to export; run `pathvl tile SLIDES --out {root}` first")
+        raise DatasetError(f"{root}: no tiled slides to export; run `pathvl tile SLIDES --dataset {root}` first")
     present = _dataset_mags(ds, ids)
     if mag is not None and not any(math.isclose(mag, m, rel_tol=1e-6) for m in present):
         raise InteropError(f"{root}: no {mag:g}x patches; the dataset has {', '.join(f'{m:g}x' for m in present)}")
