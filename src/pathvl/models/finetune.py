@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -117,6 +118,14 @@ def load_trained_state(model: nn.Module, state: dict[str, Tensor]) -> tuple[list
     result = model.load_state_dict(dict(state), strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("encoder.") or LORA_MARK in k]
     return missing, list(result.unexpected_keys)
+
+
+def require_trained_state(model: nn.Module, state: dict[str, Tensor], file: Path | str, meta: str,
+                          error: type[Exception]) -> None:
+    """:func:`load_trained_state`, raising ``error`` naming ``file`` (and its ``meta`` JSON) when keys do not fit."""
+    missing, unexpected = load_trained_state(model, dict(state))
+    if missing or unexpected:
+        raise error(f"{file} does not fit the model of its {meta}: missing {missing[:6]}, unexpected {unexpected[:6]}")
 
 
 def trainable_parameter_count(module: nn.Module) -> int:

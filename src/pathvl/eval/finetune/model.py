@@ -81,12 +81,9 @@ def _weights_to_save(model: TileClassifier) -> dict[str, torch.Tensor]:
 
 
 def _load_classifier_state(model: TileClassifier, state: Mapping[str, torch.Tensor], file: Path) -> None:
-    from pathvl.models.finetune import load_trained_state
+    from pathvl.models.finetune import require_trained_state
 
-    missing, unexpected = load_trained_state(model, dict(state))
-    if missing or unexpected:
-        raise FinetuneError(f"{file} does not fit the model of its finetune.json: missing {missing[:6]}, "
-                            f"unexpected {unexpected[:6]}")
+    require_trained_state(model, dict(state), file, "finetune.json", FinetuneError)
 
 
 @dataclass

@@ -170,12 +170,9 @@ def _to_save(model: SegmentationModel) -> dict[str, torch.Tensor]:
 
 
 def _load_state(model: SegmentationModel, state: Mapping[str, torch.Tensor], file: Path) -> None:
-    from pathvl.models.finetune import load_trained_state
+    from pathvl.models.finetune import require_trained_state
 
-    missing, unexpected = load_trained_state(model, dict(state))
-    if missing or unexpected:
-        raise SegmentError(f"{file} does not fit the model of its segment.json: missing {missing[:6]}, "
-                           f"unexpected {unexpected[:6]}")
+    require_trained_state(model, dict(state), file, "segment.json", SegmentError)
 
 
 @dataclass
