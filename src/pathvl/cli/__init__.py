@@ -665,7 +665,7 @@ _COMMANDS: list[Callable] = [
 # Commands that live in their own module of this package: each has ``register(sub)`` adding its parser(s).
 _COMMAND_MODULES: tuple[str, ...] = (
     "pathvl.cli.interop", "pathvl.cli.mil", "pathvl.cli.learn", "pathvl.cli.ask", "pathvl.cli.check", "pathvl.cli.view",
-    "pathvl.cli.configs", "pathvl.cli.synth",
+    "pathvl.cli.configs", "pathvl.cli.synth", "pathvl.cli.pack",
 )
 
 
