@@ -53,3 +53,23 @@ def test_no_overlap_no_config_or_a_moved_training_set_stays_quiet(tmp_path, caps
     assert note_training_overlap({"k": 1}, None, ev) == {"k": 1}  # an in-process model or a published VLM
     assert note_training_overlap({"k": 1}, _cfg(tmp_path / "moved"), ev) == {"k": 1}
     assert capsys.readouterr().err == ""
+
+
+def test_the_checkpoint_record_finds_the_overlap_after_the_training_data_moved(tmp_path, capsys):
+    """The engine records the training slides in the checkpoint's meta; evaluation reads that record, so moving
+    or deleting the training dataset after training does not turn training slides into "held-out" ones."""
+    from pathvl.train.engine import _training_slides
+
+    train = _dataset(tmp_path / "train", {"a": tmp_path / "s" / "a.svs", "b": tmp_path / "s" / "b.svs"})
+    ev = _dataset(tmp_path / "eval", {"y": tmp_path / "s" / "b.svs", "c": tmp_path / "s" / "c.svs"})
+    meta = {"training_data": _training_slides(_cfg(train))}
+    src = {s: str(tmp_path / "s" / f"{s}.svs") for s in ("a", "b")}
+    assert meta["training_data"] == {"dataset": str(train.resolve()), "slide_ids": ["a", "b"], "sources": src}
+    model = SimpleNamespace(meta=meta, config=_cfg(train))
+    before = training_overlap(model, ev)
+    train.rename(tmp_path / "train.moved")
+    assert training_overlap(_cfg(train), ev) is None  # the config alone no longer finds the training manifest
+    assert training_overlap(model, ev) == before == {"training_dataset": str(train.resolve()), "slides": ["y"],
+                                                     "n_overlap": 1, "n_evaluated": 2}
+    assert _training_slides(_cfg(train)) is None  # a run on data with no manifest records nothing
+    capsys.readouterr()

@@ -39,6 +39,7 @@ from pathvl.data.dataset import (
     claim_slide,
 )
 from pathvl.data.embed import embed_dataset
+from pathvl.data.index import INDEX_FILE
 from pathvl.data.tiler import STAGE, TileOptions, tile_slides
 from pathvl.encoders import build_vision
 from pathvl.encoders.weights import EncoderError, read_state_dict
@@ -69,8 +70,23 @@ sys.exit(main(sys.argv[2:]))
 
 
 def _hashes(root: Path) -> dict[str, str]:
+    """Digest of every file the user's dataset is made of.
+
+    The slide-index cache (``.slide_index.npz``) is left out: it is derived from the slide files, is written
+    whole through a temporary name and an atomic rename by any stage that builds a training set, and is
+    rebuilt when stale. It is checked on its own (:func:`_index_is_whole`) instead.
+    """
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and K.LOCKS_DIR not in p.parts}
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and K.LOCKS_DIR not in p.parts and p.name != INDEX_FILE}
+
+
+def _index_is_whole(root: Path) -> None:
+    """The index cache, where one was written, is a complete archive and not a half-written file."""
+    cache = root / INDEX_FILE
+    if cache.exists():
+        with np.load(cache, allow_pickle=False) as z:
+            assert len(z.files) > 0
 
 
 def _cli(*args: str, timeout: float = 120, limit: int | str | None = None) -> subprocess.CompletedProcess:
@@ -150,6 +166,7 @@ def test_full_disk_mid_write_leaves_the_dataset_byte_identical(ds, slides, tmp_p
     else:
         assert f"{ds}/" in line and (".tissue.png" if stage == "tile-overlay" else ".h5") in line
     assert _hashes(ds) == before
+    _index_is_whole(ds)
     assert not list(ds.glob("*.tmp")) and not (ds / "d.tissue.png").exists()
     _readable(ds)
     # with space again, the same command completes

@@ -93,6 +93,15 @@ def read_manifest(root: str | Path) -> dict:
     return _load_manifest(p)
 
 
+def slide_sources(manifest: dict) -> dict[str, str]:
+    """``{slide_id: resolved path of its slide file}`` for the slides of a manifest that record one."""
+    out = {}
+    for sid, rec in manifest.get("slides", {}).items():
+        if isinstance(rec, dict) and rec.get("path"):
+            out[sid] = str(Path(rec["path"]).resolve())
+    return out
+
+
 def init_manifest(root: Path, spec_json: str) -> dict:
     """Create the manifest, or check that an existing one was written with the same spec.
 

@@ -222,7 +222,7 @@ def retrieve_patches(checkpoint: str | Path, dataset: str | Path, *, captions: s
     rep = retrieval_recall(img, lm.encode_texts(uniq), n_bootstrap=n_bootstrap, seed=seed)
     rep["model"] = {"checkpoint": str(checkpoint), "family": lm.family, "captions": captions,
                     "protocol": "one random patch per distinct caption"}
-    return note_training_overlap(rep, lm.config, dataset, slides)
+    return note_training_overlap(rep, lm, dataset, slides)
 
 
 # ------------------------------------------------------------------------------------------ slide level
@@ -282,7 +282,7 @@ def zeroshot_slides(checkpoint: str | Path, dataset: str | Path, labels: str | P
     else:
         rep = topj_report(scores, y, classes, n_bootstrap=n_bootstrap, logit_scale=ev.logit_scale, ids=sids)
     rep["model"] = {**ev.describe(), "prompts": ps.name}
-    return note_training_overlap(rep, ev.config, dataset, sids)
+    return note_training_overlap(rep, ev, dataset, sids)
 
 
 # ------------------------------------------------------------------------------------------ prompt sets
@@ -421,4 +421,4 @@ def zeroshot_slides_prompt_sets(checkpoint: str | Path, dataset: str | Path, lab
     names = [ps.name for ps in sets.values()]
     rep["model"] = {**ev.describe(), "prompts": names[0] if single else f"{names[0]} .. {names[-1]}",
                     "prompt_set": prompt_set}
-    return note_training_overlap(rep, ev.config, dataset, sids)
+    return note_training_overlap(rep, ev, dataset, sids)

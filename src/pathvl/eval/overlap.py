@@ -2,7 +2,9 @@
 
 Pretraining reads every slide of ``data.dataset`` (there is no held-out split inside a dataset), so an
 evaluation slide is a training slide when it comes from the same slide file: the same resolved source path
-in both manifests, or the same slide id when the evaluation dataset is the training dataset itself. Scores
+in both manifests, or the same slide id when the evaluation dataset is the training dataset itself. The
+checkpoint records the training slides when it is saved (``training_data`` in ``trainer.json``), so the answer
+does not change when the training data is moved or deleted after training. Scores
 on such slides are not held-out results; the report says so and a warning goes to stderr.
 """
 
@@ -16,58 +18,77 @@ from typing import Any
 __all__ = ["note_training_overlap", "training_overlap"]
 
 
-def _sources(manifest: Mapping[str, Any]) -> dict[str, str]:
-    out = {}
-    for sid, rec in manifest.get("slides", {}).items():
-        if isinstance(rec, Mapping) and rec.get("path"):
-            out[sid] = str(Path(rec["path"]).resolve())
-    return out
+def _trained_on(model: Any) -> dict[str, Any] | None:
+    """``{"dataset", "slide_ids", "sources"}`` of the slides ``model`` was trained on, or ``None``.
+
+    ``model`` is an :class:`~pathvl.eval.loading.EvalModel` (its checkpoint records the training slides at save
+    time, so the answer survives the training data being moved or deleted; older checkpoints fall back to
+    reading the training dataset named in their config) or a resolved training config.
+    """
+    from pathvl.data.files import DatasetError
+    from pathvl.data.manifest import read_manifest, slide_sources
+
+    if model is None:
+        return None
+    recorded = getattr(model, "meta", None)
+    if isinstance(recorded, Mapping) and isinstance(recorded.get("training_data"), Mapping):
+        rec = recorded["training_data"]
+        return {"dataset": str(rec.get("dataset", "")), "slide_ids": set(rec.get("slide_ids", ())),
+                "sources": set(dict(rec.get("sources", {})).values())}
+    config = getattr(model, "config", model)
+    root = getattr(getattr(config, "data", None), "dataset", "") if config is not None else ""
+    if not root:
+        return None
+    try:
+        manifest = read_manifest(Path(root))
+    except (DatasetError, OSError):
+        return None
+    return {"dataset": str(root), "slide_ids": set(manifest.get("slides", {})),
+            "sources": set(slide_sources(manifest).values())}
 
 
-def training_overlap(config: Any, dataset: str | Path, slide_ids: Sequence[str] | None = None) -> dict[str, Any] | None:
-    """Evaluation slides of ``dataset`` that the run of ``config`` trained on.
+def training_overlap(model: Any, dataset: str | Path, slide_ids: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """Evaluation slides of ``dataset`` that ``model`` was trained on.
 
     Args:
-        config: The run's resolved training config (``EvalModel.config``); ``None`` (an in-process model or a
-            published VLM) gives ``None``.
+        model: An :class:`~pathvl.eval.loading.EvalModel` or its resolved training config; ``None`` (a published
+            VLM) or an in-process model without a config gives ``None``.
         dataset: The evaluation dataset folder.
         slide_ids: The slides evaluated (default: every tiled slide of ``dataset``).
 
     Returns:
-        ``None`` when nothing overlaps or the training dataset cannot be read (moved away); else
-        ``{"training_dataset", "slides": [ids], "n_overlap", "n_evaluated"}``.
+        ``None`` when nothing overlaps, or when the training slides are unknown (an older checkpoint whose
+        training dataset has moved away); else ``{"training_dataset", "slides": [ids], "n_overlap",
+        "n_evaluated"}``.
     """
     from pathvl.data.files import DatasetError
-    from pathvl.data.manifest import read_manifest
+    from pathvl.data.manifest import read_manifest, slide_sources
 
-    train_root = getattr(getattr(config, "data", None), "dataset", "") if config is not None else ""
-    if not train_root:
+    trained = _trained_on(model)
+    if trained is None:
         return None
     try:
-        train = read_manifest(Path(train_root))
         evald = read_manifest(Path(dataset))
     except (DatasetError, OSError):
         return None
     ids = list(slide_ids) if slide_ids is not None else sorted(evald.get("slides", {}))
-    if Path(train_root).resolve() == Path(dataset).resolve():
-        trained = set(train.get("slides", {}))
-        both = [s for s in ids if s in trained]
+    if trained["dataset"] and Path(trained["dataset"]).resolve() == Path(dataset).resolve():
+        both = [s for s in ids if s in trained["slide_ids"]]
     else:
-        train_src = set(_sources(train).values())
-        eval_src = _sources(evald)
-        both = [s for s in ids if eval_src.get(s) in train_src]
+        eval_src = slide_sources(evald)
+        both = [s for s in ids if eval_src.get(s) in trained["sources"]]
     if not both:
         return None
-    return {"training_dataset": str(train_root), "slides": both, "n_overlap": len(both), "n_evaluated": len(ids)}
+    return {"training_dataset": trained["dataset"], "slides": both, "n_overlap": len(both), "n_evaluated": len(ids)}
 
 
-def note_training_overlap(report: dict[str, Any], config: Any, dataset: str | Path,
+def note_training_overlap(report: dict[str, Any], model: Any, dataset: str | Path,
                           slide_ids: Sequence[str] | None = None, *, warn: bool = True) -> dict[str, Any]:
     """Add ``training_overlap`` and a line in ``warnings`` to ``report`` when evaluation slides were trained on.
 
     Prints the same line to stderr (``warn``). Returns ``report``.
     """
-    ov = training_overlap(config, dataset, slide_ids)
+    ov = training_overlap(model, dataset, slide_ids)
     if ov is None:
         return report
     shown = ", ".join(ov["slides"][:5]) + (f" and {ov['n_overlap'] - 5} more" if ov["n_overlap"] > 5 else "")

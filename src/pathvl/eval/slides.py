@@ -105,7 +105,7 @@ def retrieve_slides(ev: EvalModel, dataset: str | Path, texts: Any, ks: Sequence
     sim = ev.model.similarity(emb["slide_emb"].to(ev.device), emb["text_emb"].to(ev.device)).float().cpu()
     rep = retrieval_from_similarity(sim, ks=ks, n_bootstrap=n_bootstrap, seed=seed)
     rep["model"] = {**ev.describe(), "slides": len(emb["slide_ids"])}
-    return note_training_overlap(rep, ev.config, dataset, list(emb["slide_ids"]))
+    return note_training_overlap(rep, ev, dataset, list(emb["slide_ids"]))
 
 
 @torch.no_grad()

@@ -64,6 +64,8 @@ from pathvl.data.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from pathvl.data.files import DatasetError
+from pathvl.data.manifest import read_manifest, slide_sources
 from pathvl.dist import DistInfo, all_reduce_mean, barrier, init_distributed, is_dist_initialized
 from pathvl.errors import UserError
 from pathvl.families import get_family, load_config
@@ -634,6 +636,21 @@ def _explain(exc: NonFiniteLossError, saved: Path | None) -> NonFiniteLossError:
     return NonFiniteLossError(message, exc.step, exc.terms, exc.bad)
 
 
+def _training_slides(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The training dataset's resolved folder and ``{slide_id: slide file}``, kept in the checkpoint's meta so
+    that evaluation can tell held-out slides from training slides after the training data has moved
+    (:mod:`pathvl.eval.overlap`); ``None`` when the dataset has no manifest (synthetic or in-memory data)."""
+    root = getattr(cfg.data, "dataset", "")
+    if not root:
+        return None
+    try:
+        manifest = read_manifest(Path(root))
+    except (DatasetError, OSError):
+        return None
+    return {"dataset": str(Path(root).resolve()), "slide_ids": sorted(manifest.get("slides", {})),
+            "sources": slide_sources(manifest)}
+
+
 def _save(
     run_dir: Path,
     step: int,
@@ -675,6 +692,9 @@ def _save(
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config_to_dict(resolve_paths(cfg)),
     }
+    trained_on = _training_slides(cfg)
+    if trained_on is not None:
+        meta["training_data"] = trained_on
     return save_checkpoint(run_dir, step, module.model, trainer_state, meta,
                            keep_last=cfg.run.keep_last, save_frozen=cfg.run.save_frozen)
 
