@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pathvl import __version__
-from pathvl.cli._shape import add_dataset, add_dataset_option_alias, require_dataset
+from pathvl.cli._shape import _int_ge0, _int_ge1, _positive_float, _positive_int  # noqa: F401 (re-exported)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -69,276 +69,6 @@ def _stage_exit(failed: dict) -> int:
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     pass
-
-
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard wants I/N (e.g. 0/4), got {text!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise argparse.ArgumentTypeError(f"--shard {text}: need N >= 1 and 0 <= I < N")
-    return i, n
-
-
-def _parents(text: str) -> int | None:
-    if text == "all":
-        return None
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--parents wants a positive integer or 'all', got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"--parents wants a positive integer or 'all', got {text!r}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    import math
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return v
-
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return v
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-_int_ge1 = _int_at_least(1)
-_int_ge0 = _int_at_least(0)
-
-
-def _jpeg_quality(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer within 1..100, got {text!r}") from None
-    if not 1 <= v <= 100:
-        raise argparse.ArgumentTypeError(f"--jpeg-quality must be within 1..100, got {text}")
-    return v
-
-
-# ----------------------------------------------------------------------------------------------- tile
-TILE_EXAMPLE = """example:
-  pathvl tile slides/ --dataset data/mrplip                      # 5/10/20/40x bags of 85, 20 per slide
-  pathvl tile a.svs b.svs --dataset data/grid --mags 20 --patch-px 256 --parents all   # full 20x grid
-  pathvl tile slides/ --dataset data/mrplip --shard 0/4          # one of four machines
-exit codes: 0 all tiled, 3 some slides failed (listed) and the others were tiled, 1 nothing could be tiled,
-2 a usage error.
-"""
-
-
-#: Exit code of ``pathvl tile`` when some slides failed and others were tiled (1: nothing could be tiled,
-#: 2: a user error before any slide).
-TILE_PARTIAL_EXIT = 3
-
-
-def _add_tile(sub) -> None:
-    p = sub.add_parser("tile", help="cut slides into a multi-resolution patch dataset",
-                       description="Cut whole-slide images into the multi-resolution patch dataset.",
-                       epilog=TILE_EXAMPLE, formatter_class=_Formatter)
-    p.add_argument("slides", nargs="+", help="slide files or folders of slides")
-    p.add_argument("--dataset", default=None, help="dataset folder (created; reruns skip finished slides) (required)")
-    add_dataset_option_alias(p, "--out")
-    p.add_argument("--mags", nargs="+", type=_positive_float, default=[5.0, 10.0, 20.0, 40.0],
-                   help="physical magnifications, ascending, each a power-of-two multiple of the first")
-    p.add_argument("--patch-px", type=_int_ge1, default=512, help="patch side in pixels at its own magnification")
-    p.add_argument("--parents", type=_parents, default=20,
-                   help="root patches per slide sampled from tissue, or 'all'")
-    p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a root patch")
-    p.add_argument("--above-scan", choices=["skip", "upsample"], default="skip",
-                   help="what to do with magnifications finer than the scan")
-    p.add_argument("--seed", type=int, default=0, help="seed of the root sampling")
-    p.add_argument("--mpp", type=_positive_float, default=None,
-                   help="level-0 microns per pixel, overriding the slide metadata (e.g. 0.25 for 40x)")
-    p.add_argument("--store-pixels", action="store_true", help="store every patch as JPEG in the dataset")
-    p.add_argument("--overlay", action="store_true",
-                   help="write OUT/<slide>.tissue.png, the tissue mask over the thumbnail, for every slide "
-                        "(always written for a slide where no patch fits)")
-    p.add_argument("--jpeg-quality", type=_jpeg_quality, default=90, help="JPEG quality of stored pixels")
-    p.add_argument("--workers", type=_int_ge1, default=1, help="slides tiled in parallel")
-    p.add_argument("--shard", type=_shard, default=None,
-                   help="I/N: tile only every N-th slide starting at I (default: RANK/WORLD_SIZE or 0/1)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="tile the given slides again, also when done; a dataset tiled with another spec is "
-                        "rewritten with this one (each file swapped in when its new copy is complete)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run_tile)
-
-
-def _run_tile(a: argparse.Namespace) -> int:
-    from pathvl.data.tiler import TileOptions, shard_from_env, tile_slides
-    from pathvl.slide.tiling import TileSpec
-
-    spec = TileSpec(mags=tuple(a.mags), patch_px=a.patch_px, parents=a.parents, min_tissue=a.min_tissue,
-                    above_scan=a.above_scan, seed=a.seed)
-    opts = TileOptions(mpp=a.mpp, store_pixels=a.store_pixels, jpeg_quality=a.jpeg_quality,
-                       workers=max(1, a.workers), shard=a.shard or shard_from_env(), progress=not a.no_progress,
-                       overwrite=a.overwrite, overlay=a.overlay)
-    if not a.dataset:
-        raise argparse.ArgumentTypeError("give --dataset DATASET, the folder to write")
-    summary = tile_slides(a.slides, a.dataset, spec, opts)
-    print(summary.text())
-    for sid, (made, asked) in sorted(summary.short.items()):
-        print(f"pathvl tile: warning: {sid}: only {made} of the {asked} bags asked (--parents) fit; "
-              "lower --min-tissue or --patch-px for more", file=sys.stderr)
-    if not summary.done and not summary.skipped and not summary.busy:
-        print("pathvl tile: nothing could be tiled", file=sys.stderr)
-        return 1
-    if summary.failed:
-        print(f"pathvl tile: {len(summary.failed)} slide(s) failed (each listed below with its reason), the others "
-              "were tiled",
-              file=sys.stderr)
-        return TILE_PARTIAL_EXIT
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------- embed
-EMBED_EXAMPLE = """example:
-  pathvl embed --dataset data/mrplip --encoder uni --weights ~/models/uni/pytorch_model.bin
-  pathvl embed --dataset data/mrplip --encoder colour-texture            # no weights needed (demo encoder)
-  torchrun --nproc_per_node 8 -m pathvl.cli embed --dataset data/mrplip --encoder uni --weights uni.bin
-"""
-
-
-def _add_embed(sub) -> None:
-    p = sub.add_parser("embed", help="cache frozen patch features of a dataset",
-                       description="Run a frozen patch encoder over every patch and cache features/<encoder>.",
-                       epilog=EMBED_EXAMPLE, formatter_class=_Formatter)
-    add_dataset(p, "dataset folder written by `pathvl tile`", required=False)  # --list needs none
-    p.add_argument("--encoder", help="encoder name (see `pathvl embed --list`)")
-    p.add_argument("--list", action="store_true", help="list the registered encoders and exit")
-    p.add_argument("--weights", default=None, help="local weights file for encoders that need one (uni, timm:*)")
-    p.add_argument("--encoder-args", default=None,
-                   help="constructor arguments of the encoder (timm:*): JSON, or a .json/.yaml file")
-    p.add_argument("--batch-size", type=_int_ge1, default=256, help="patches per forward pass")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="precision (auto: the encoder's preference on a GPU, fp32 on CPU)")
-    p.add_argument("--workers", type=_int_ge0, default=2, help="DataLoader workers decoding and reading pixels")
-    p.add_argument("--shard", type=_shard, default=None, help="I/N (default: RANK/WORLD_SIZE or 0/1)")
-    p.add_argument("--overwrite", action="store_true", help="recompute slides whose features exist")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run_embed)
-
-
-def _run_embed(a: argparse.Namespace) -> int:
-    from pathvl.data.embed import embed_dataset
-    from pathvl.data.tiler import shard_from_env
-
-    if a.list:
-        from pathvl.encoders import describe_encoders
-
-        print(describe_encoders())
-        return 0
-    if not a.dataset or not a.encoder:
-        raise argparse.ArgumentTypeError("give --dataset DATASET and --encoder NAME (or --list)")
-    s = embed_dataset(a.dataset, a.encoder, a.weights, encoder_args=a.encoder_args, batch_size=a.batch_size,
-                      dtype=a.dtype, workers=a.workers, shard=a.shard or shard_from_env(), overwrite=a.overwrite,
-                      progress=not a.no_progress)
-    print(s.text())
-    return _stage_exit(s.failed)
-
-
-# ----------------------------------------------------------------------------------------------- caption
-CAPTION_EXAMPLE = """example:
-  pathvl caption --dataset data/mrplip --captioner template              # synthetic template text (demos, tests)
-  pathvl caption --dataset data/mrplip --captioner import --from captions.csv
-  pathvl caption --dataset data/mrplip --captioner llava --model ~/models/quilt-llava-hf --batch-size 16
-"""
-
-
-def _add_caption(sub) -> None:
-    p = sub.add_parser("caption", help="caption every patch and extract keyword bags",
-                       description="Write captions/<name> and keywords/<name> for every patch of a dataset.",
-                       epilog=CAPTION_EXAMPLE, formatter_class=_Formatter)
-    add_dataset(p, "dataset folder written by `pathvl tile`")
-    p.add_argument("--captioner", required=True, choices=["template", "import", "llava"], help="captioner")
-    p.add_argument("--name", default=None, help="name of the captions (default: the captioner's)")
-    p.add_argument("--overwrite", action="store_true", help="recompute slides that have these captions")
-    p.add_argument("--max-chars", type=_int_ge1, default=2000, help="longer captions are truncated (and counted)")
-    p.add_argument("--shard", type=_shard, default=None, help="I/N (default: RANK/WORLD_SIZE or 0/1)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = p.add_argument_group("template")
-    g.add_argument("--labels", default=None, help="CSV of slide_id,label used where no ground truth exists")
-    g.add_argument("--seed", type=int, default=None, help="seed of the phrasing")
-    g.add_argument("--no-ground-truth", action="store_true", help="ignore synthetic ground-truth maps")
-    g = p.add_argument_group("import")
-    g.add_argument("--from", dest="source", default=None, help="CSV/TSV/JSONL of slide_id, index or x,y,mag, text")
-    g.add_argument("--match", choices=["auto", "index", "coords"], default=None, help="how rows find patches")
-    g = p.add_argument_group("llava")
-    g.add_argument("--model", default=None, help="local folder of a LLaVA-family model in Hugging Face format")
-    g.add_argument("--question", default=None, help="question asked about each patch ({mag} is replaced)")
-    g.add_argument("--prompt", default=None, help="full prompt template overriding the chat template")
-    g.add_argument("--max-new-tokens", type=_int_ge1, default=None, help="longest caption in tokens")
-    g.add_argument("--batch-size", type=_int_ge1, default=None, help="patches per generation batch")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: GPU when present)")
-    g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="model precision")
-    p.set_defaults(func=require_dataset(_run_caption))
-
-
-def _run_caption(a: argparse.Namespace) -> int:
-    from pathvl.data.caption import caption_dataset
-
-    opts = {"labels": a.labels, "seed": a.seed, "ground_truth": False if a.no_ground_truth else None,
-            "path": a.source, "match": a.match, "model": a.model, "question": a.question, "prompt": a.prompt,
-            "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size, "device": a.device, "dtype": a.dtype}
-    s = caption_dataset(a.dataset, a.captioner, options={k: v for k, v in opts.items() if v is not None},
-                        name=a.name, max_chars=a.max_chars, overwrite=a.overwrite, shard=a.shard,
-                        progress=not a.no_progress)
-    print(s.text())
-    return _stage_exit(s.failed)
-
-
-# ----------------------------------------------------------------------------------------------- pretrain
-PRETRAIN_EXAMPLE = """example:
-  pathvl pretrain --config mrplip-tiny --dataset data/mrplip run.steps=50  # packaged config + overrides
-  pathvl pretrain --config my.yaml optim.lr=3e-4 losses.mrtva=0 data.mags=[20]   # ablations
-  pathvl pretrain --resume runs/mrplip-tiny                                  # continue exactly
-  torchrun --nproc_per_node 8 -m pathvl.cli pretrain --config mrplip-base --dataset data/mrplip
-packaged configs: mrplip-tiny, mrplip-cpu, mrplip-base (and the families' own, see src/pathvl/configs)
-"""
-
-
-def _add_pretrain(sub) -> None:
-    p = sub.add_parser("pretrain", help="pretrain a model (MR-PLIP, PathFLIP, PathAlign)",
-                       description="Train a model family from a config file plus key=value overrides.",
-                       epilog=PRETRAIN_EXAMPLE, formatter_class=_Formatter)
-    p.add_argument("--config", default=None, help="YAML file or packaged config name")
-    p.add_argument("--resume", default=None, help="run folder to continue (its saved config is used)")
-    p.add_argument("--dataset", default=None, help="dataset folder to train on (the same as data.dataset=DATASET)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4")
-    p.set_defaults(func=_run_pretrain)
-
-
-def _run_pretrain(a: argparse.Namespace) -> int:
-    from pathvl.train.engine import pretrain
-
-    if not a.config and not a.resume:
-        raise argparse.ArgumentTypeError("give --config FILE (or a packaged name) or --resume RUN_DIR")
-    overrides = list(a.overrides)
-    if a.dataset is not None:
-        given = [o.split("=", 1)[1] for o in overrides if o.startswith("data.dataset=")]
-        if any(g != a.dataset for g in given):
-            raise argparse.ArgumentTypeError(f"--dataset {a.dataset} and data.dataset={given[0]} disagree; give one")
-        overrides.insert(0, f"data.dataset={a.dataset}")
-    res = pretrain(a.config, overrides, resume=a.resume)
-    print(f"trained to step {res.step}; checkpoint {res.checkpoint}; run folder {res.run_dir}")
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -449,16 +179,6 @@ PROBE_EXAMPLE = """example:
 --shots: k tiles per class drawn --seeds times from the training set, each draw scored on the test set (mean +- sd).
 --simpleshot: nearest class centroid after centring on the training mean and L2 normalisation (Wang et al. 2019).
 """
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
 
 
 def _add_probe(sub) -> None:
@@ -657,15 +377,15 @@ def _run_info(a: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- main
 _COMMANDS: list[Callable] = [
-    _add_tile, _add_caption, _add_embed, _add_pretrain, _add_zeroshot, _add_probe, _add_retrieve, _add_heatmap,
+    _add_zeroshot, _add_probe, _add_retrieve, _add_heatmap,
     _add_demo, _add_info,
 ]
 
 
 # Commands that live in their own module of this package: each has ``register(sub)`` adding its parser(s).
 _COMMAND_MODULES: tuple[str, ...] = (
-    "pathvl.cli.interop", "pathvl.cli.mil", "pathvl.cli.learn", "pathvl.cli.ask", "pathvl.cli.check", "pathvl.cli.view",
-    "pathvl.cli.configs", "pathvl.cli.synth", "pathvl.cli.pack",
+    "pathvl.cli.stages", "pathvl.cli.interop", "pathvl.cli.mil", "pathvl.cli.learn", "pathvl.cli.ask",
+    "pathvl.cli.check", "pathvl.cli.view", "pathvl.cli.configs", "pathvl.cli.synth", "pathvl.cli.pack",
 )
 
 
@@ -676,11 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pathvl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in _COMMANDS:
-        add(sub)
     import importlib
 
-    for name in _COMMAND_MODULES:
+    importlib.import_module(_COMMAND_MODULES[0]).register(sub)  # the stages first, in the order they run
+    for add in _COMMANDS:
+        add(sub)
+    for name in _COMMAND_MODULES[1:]:
         importlib.import_module(name).register(sub)
     _no_abbreviations(parser)
     return parser

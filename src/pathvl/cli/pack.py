@@ -7,7 +7,7 @@ import argparse
 from pathvl.cli._shape import add_dataset, require_dataset
 
 EXAMPLE = """example:
-  pathvl tile slides/ --out data/mrplip
+  pathvl tile slides/ --dataset data/mrplip
   pathvl caption --dataset data/mrplip --captioner template
   pathvl embed --dataset data/mrplip --encoder colour-texture
   pathvl pack --dataset data/mrplip                       # the only features and captions present

@@ -82,7 +82,7 @@ class BagDataset(TorchDataset):
         self.kw_key = K.keywords_key(source.captions)
         ids = slide_ids if slide_ids is not None else self.ds.slide_ids()
         if not ids:
-            raise DatasetError(f"{root}: no tiled slides; run `pathvl tile` first")
+            raise DatasetError(f"{root}: no tiled slides; run `pathvl tile SLIDES --dataset {root}` first")
         self.slide_ids = list(ids)
         index = load_index(self.ds, self.slide_ids)
         index.require(self.feat_key, f"pathvl embed --dataset {root} --encoder {source.features}")

@@ -337,7 +337,7 @@ def embed_dataset(
     ds = Dataset(root)
     ids = ds.slide_ids()
     if not ids:
-        raise DatasetError(f"{root}: no tiled slides; run `pathvl tile SLIDES --out {root}` first")
+        raise DatasetError(f"{root}: no tiled slides; run `pathvl tile SLIDES --dataset {root}` first")
     if enc is None:
         enc = build_vision(encoder, weights=weights, args=encoder_args)
     name = feature_name(enc.name if encoder is None else encoder)

@@ -191,7 +191,7 @@ def pack_dataset(root: str | Path, features: str | None = None, captions: str | 
     ds = Dataset(root)
     ids = ds.slide_ids()
     if not ids:
-        raise DatasetError(f"{root}: no tiled slides; run `pathvl tile SLIDES --out {root}` first")
+        raise DatasetError(f"{root}: no tiled slides; run `pathvl tile SLIDES --dataset {root}` first")
     index = load_index(ds, ids)
     features = features or _only(index, K.FEATURES, "features", "--features",
                                  f"pathvl embed --dataset {root} --encoder NAME")

@@ -198,7 +198,7 @@ class SlideDataset(TorchDataset):
         all_texts = _as_texts(texts) if texts is not None else {}
         done = self.ds.slide_ids()
         if not done:
-            raise DatasetError(f"{root}: no tiled slides; run `pathvl tile SLIDES --out {root}` first")
+            raise DatasetError(f"{root}: no tiled slides; run `pathvl tile SLIDES --dataset {root}` first")
         if slide_ids is None:
             ids = done
             orphans = sorted(set(all_texts) - set(done))
