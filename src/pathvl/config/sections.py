@@ -33,6 +33,8 @@ class RunConfig:
         save_frozen: Also store parameters with ``requires_grad=False`` in ``model.safetensors`` (turn it
             off when a large frozen language model is rebuilt from its own weights anyway).
         progress: Show a progress bar on rank 0.
+        mfu: Count the FLOPs of a step (torch's FlopCounterMode, on the first step and when the batch
+            shapes change) and log ``flops``, ``tflops_s`` and ``mfu`` (:mod:`pathvl.train.throughput`).
     """
 
     name: str = "run"
@@ -48,6 +50,7 @@ class RunConfig:
     find_unused_parameters: bool = False
     save_frozen: bool = True
     progress: bool = True
+    mfu: bool = True
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "steps must be >= 1")

@@ -13,6 +13,9 @@ named tensors, an iterable of batches, and a dict of loss modules each called as
     check every term is finite (the same on all ranks)
     clip the gradient norm; AdamW step; zero the gradients
 
+Each step's record (``metrics.jsonl``, the progress line) also carries its FLOPs, TFLOP/s and MFU, from
+a counted step (``run.mfu``; :class:`pathvl.train.throughput.MFUMeter`).
+
 Only rank 0 writes files. Resuming restores weights, optimizer, schedule, loss parameters, the RNG of
 every rank and the data position, so a resumed run repeats an uninterrupted one exactly (bitwise on a
 CPU).
@@ -71,6 +74,7 @@ from pathvl.errors import UserError
 from pathvl.families import get_family, load_config
 from pathvl.progress import tqdm
 from pathvl.train.schedule import WarmupCosine
+from pathvl.train.throughput import MFUMeter
 
 __all__ = [
     "NonFiniteLossError",
@@ -241,9 +245,12 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def _uses_bf16(device: torch.device, precision: str) -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def _autocast(device: torch.device, precision: str) -> Callable[[], AbstractContextManager]:
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
+    if _uses_bf16(device, precision):
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext
 
@@ -571,6 +578,8 @@ def train(
     last_step = min(cfg.run.steps, stop_at) if stop_at is not None else cfg.run.steps
     global_batch = cfg.data.batch_size * cfg.optim.accum_steps * dist_info.world_size
     autocast = _autocast(device, cfg.run.precision)
+    meter = (MFUMeter(device, torch.bfloat16 if _uses_bf16(device, cfg.run.precision) else torch.float32)
+             if cfg.run.mfu else None)
     metrics = _MetricsLog(run_dir / METRICS_FILE, start_step) if dist_info.is_main else None
     bar = tqdm(total=last_step, initial=start_step, desc=cfg.run.name, unit="step", dynamic_ncols=True,
                disable=not (dist_info.is_main and cfg.run.progress))
@@ -589,17 +598,24 @@ def train(
             batches = [stream.next() for _ in range(cfg.optim.accum_steps)]  # this rank's micro-batches
             t_data = time.perf_counter() - t0
             try:
-                record = train_step(ddp_module, optimizer, schedule, batches, weights, step, cfg, device, autocast)
+                with meter.counting(batches) if meter is not None else nullcontext():
+                    record = train_step(ddp_module, optimizer, schedule, batches, weights, step, cfg, device,
+                                        autocast)
             except NonFiniteLossError as exc:
                 raise _explain(exc, saved) from None
             dt = time.perf_counter() - t0
             record = {"step": step, **record, "samples_per_s": global_batch / dt, "step_s": dt, "data_s": t_data}
+            if meter is not None:  # this rank's FLOPs over this rank's step time and device peak
+                record.update(meter.record(dt))
             if device.type == "cuda":
                 record["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             history.append(record)
             if metrics is not None and (step % cfg.run.log_every == 0 or step == last_step):
                 metrics.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", s_per_step=f"{dt:.2f}")
+            postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", "s_per_step": f"{dt:.2f}"}
+            if "mfu" in record:
+                postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+            bar.set_postfix(postfix)
             bar.update(1)
             if step == start_step + 1 and dist_info.is_main:
                 peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
