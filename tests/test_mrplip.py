@@ -98,7 +98,8 @@ def test_forward_all_losses_and_backward():
     assert out["image_emb"].shape == (N, 16) and out["text_emb"].shape == (N, 16)
     assert out["z"].shape == out["p"].shape == (N, 16)
     assert out["itm_logits"].shape[1] == 2 and out["itm_labels"].sum() * 3 == len(out["itm_labels"])
-    assert out["lm_logits"].shape[:2] == (8, batch["caption_ids"].shape[1])  # text_max rows
+    predicted = int(batch["caption_mask"][model._subset(N, 8, batch)][:, 1:].sum())  # text_max rows' next tokens
+    assert out["lm_logits"].shape[:2] == out["lm_labels"].shape == (1, predicted + 1)  # packed (MRPLIP._plm)
 
 
 def test_switched_off_losses_are_not_computed():

@@ -143,3 +143,37 @@ def test_engine_without_mfu(tmp_path: Path) -> None:
     cfg = toy.toy_config(str(tmp_path), "run.steps=2", "run.ckpt_every=0", "run.mfu=false")
     records = train(cfg).history
     assert not {"flops", "tflops_s", "mfu"} & set(records[-1])
+
+
+# --------------------------------------------------------------------------------- fast-path parity
+def test_mrplip_packed_plm_equals_the_full_vocabulary_path() -> None:
+    """MR-PLIP's PLM projects only the predicting rows (``MRPLIP._plm``); loss and gradients are those of
+    the plain path, which projects every position and lets LMLoss shift and select."""
+    from pathvl.losses.lm import IGNORE_INDEX, LMLoss
+    from pathvl.models.mrplip import MRPLIP, MRPLIPConfig
+
+    torch.manual_seed(0)
+    model = MRPLIP(MRPLIPConfig(feature_dim=12, text_encoder="tiny-text", width=32, fusion_heads=2,
+                                decoder_layers=1, max_caption_tokens=12), active=("plm",))
+    n, L = 5, 12
+    v = torch.randn(n, 1, 32)
+    ids = torch.randint(5, 1000, (n, L))
+    mask = torch.ones(n, L, dtype=torch.long)
+    for row, length in enumerate((12, 9, 4, 2, 1)):  # padding; the last row predicts nothing
+        mask[row, length:] = 0
+    loss = LMLoss()
+
+    def grads(value: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        value.backward()
+        return [p.grad.clone() for p in model.decoder.parameters()]
+
+    plain = loss(model.decoder(v, ids, mask), ids.masked_fill(mask == 0, IGNORE_INDEX))
+    plain_grads = grads(plain)
+    packed = model._plm(v, ids, mask)
+    assert packed["lm_logits"].shape == (1, 11 + 8 + 3 + 1 + 1, model.decoder.head.out_features)
+    fast = loss(**packed)
+    fast_grads = grads(fast)
+    torch.testing.assert_close(fast, plain, rtol=1e-6, atol=1e-6)
+    for a, b in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -239,6 +239,19 @@ class PrefixLMDecoder(nn.Module):
         self.head = nn.Linear(d, vocab_size)
         self.max_len = max_len
 
+    def hidden(self, prefix: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The last hidden states of the text positions, ``(B, L, d)`` (arguments as in :meth:`forward`):
+        ``head`` of a row gives its logits, so a loss can project only the rows it scores."""
+        B, L = input_ids.shape
+        P = prefix.shape[1]
+        t = self.in_proj(self.embed(input_ids)) + self.pos[:, :L]
+        x = torch.cat([prefix, t], dim=1)
+        mask = None
+        if attention_mask is not None:
+            mask = torch.cat([torch.ones(B, P, dtype=torch.bool, device=x.device), attention_mask.bool()], dim=1)
+        h = self.blocks(x, x_mask=mask, attn_mask=prefix_lm_mask(P, L, x.device))
+        return h[:, P:]
+
     def forward(self, prefix: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Args:
             prefix: ``(B, P, d)`` visual prefix tokens.
@@ -248,15 +261,7 @@ class PrefixLMDecoder(nn.Module):
         Returns:
             ``(B, L, vocab)`` logits; position ``t`` predicts token ``t + 1`` (shifted in :class:`LMLoss`).
         """
-        B, L = input_ids.shape
-        P = prefix.shape[1]
-        t = self.in_proj(self.embed(input_ids)) + self.pos[:, :L]
-        x = torch.cat([prefix, t], dim=1)
-        mask = None
-        if attention_mask is not None:
-            mask = torch.cat([torch.ones(B, P, dtype=torch.bool, device=x.device), attention_mask.bool()], dim=1)
-        h = self.blocks(x, x_mask=mask, attn_mask=prefix_lm_mask(P, L, x.device))
-        return self.head(h[:, P:])
+        return self.head(self.hidden(prefix, input_ids, attention_mask))
 
     @torch.no_grad()
     def generate(self, prefix: Tensor, bos_id: int, eos_id: int, max_new_tokens: int = 40,
