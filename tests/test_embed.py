@@ -71,11 +71,18 @@ def _partials(root: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize(("store_pixels", "workers"), [(False, 0), (True, 0), (False, 2)])
-def test_features_equal_the_encoder_on_the_same_patches(tmp_path, slides, store_pixels, workers):
+# workers on a CPU resize and normalise in the worker; jpeg_decode="device" hands stored JPEG bytes to the
+# main process, which decodes them with torchvision (nvjpeg on a GPU, libjpeg-turbo here); torch_compile
+# "eager" runs the encoder through dynamo
+@pytest.mark.parametrize(("store_pixels", "workers", "jpeg_decode", "torch_compile"), [
+    (False, 0, "auto", False), (True, 0, "auto", False), (False, 2, "auto", False), (True, 1, "auto", False),
+    (True, 0, "device", False), (True, 1, "device", "eager")])
+def test_features_equal_the_encoder_on_the_same_patches(tmp_path, slides, store_pixels, workers, jpeg_decode,
+                                                         torch_compile):
     root = _tile(slides, tmp_path / "ds", store_pixels)
     # a batch size that does not divide a bag, so batches straddle bags and slides end mid-batch
-    s = embed_dataset(root, "tiny-vit", batch_size=50, workers=workers, progress=False)
+    s = embed_dataset(root, "tiny-vit", batch_size=50, workers=workers, progress=False, jpeg_decode=jpeg_decode,
+                      torch_compile=torch_compile)
     assert sorted(s.done) == ["a", "b"] and not s.skipped and s.patches == 2 * 2 * 85
     enc = build_vision("tiny-vit")
     ds = Dataset(root)
@@ -92,6 +99,34 @@ def test_features_equal_the_encoder_on_the_same_patches(tmp_path, slides, store_
         tf = json.loads(attrs["transform"])
         assert tf["input_size"] == 64 and tf["interpolation"] == "bicubic" and len(tf["mean"]) == 3
     assert not _partials(root)
+
+
+def test_device_jpeg_decode_gives_the_host_pixels():
+    """torchvision's decoder (the nvjpeg path's CPU twin) and the workers' libjpeg-turbo give the same pixels."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = (rng.random((40, 56, 3)) * 255).astype(np.uint8)
+    import io
+
+    blobs = []
+    for q in (60, 90):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=q)
+        blobs.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
+    got = embed_mod._decode_jpegs([torch.from_numpy(b.copy()) for b in blobs], torch.device("cpu"))
+    assert got.shape == (2, 3, 40, 56) and got.dtype == torch.uint8
+    for g, b in zip(got, blobs):
+        np.testing.assert_array_equal(g.permute(1, 2, 0).numpy(), decode_jpeg(b))
+
+
+def test_auto_workers_follow_the_cores(monkeypatch):
+    for cores, cpu, gpu in [(1, 0, 1), (2, 0, 1), (4, 0, 3), (8, 2, 7), (64, 8, 16)]:
+        monkeypatch.setattr(embed_mod, "_cores", lambda c=cores: c)
+        assert (embed_mod.auto_workers("cpu"), embed_mod.auto_workers("cuda")) == (cpu, gpu), cores
+    with pytest.raises(DatasetError, match="jpeg_decode must be auto, host or device"):
+        embed_mod._device_jpeg_decode("gpu", torch.device("cpu"))
+    assert not embed_mod._device_jpeg_decode("auto", torch.device("cpu"))
 
 
 def test_resume_after_interruption(tmp_path, slides, monkeypatch):

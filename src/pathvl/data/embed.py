@@ -4,9 +4,13 @@ For every slide, every patch goes through a frozen vision encoder and lands in
 ``features/<encoder>`` (N, D) float16 with provenance attributes (encoder, weights sha256, transform).
 
 Pixels come from the stored JPEGs when the dataset has them (``pathvl tile --store-pixels``), otherwise
-from the slide through the fast bag reader. DataLoader workers decode and cut patches; the uint8 batch
-goes to the device, where it is resized and normalised (:meth:`VisionEncoder.preprocess_batch`) and run
-in the encoder's preferred precision (weights cast to it, autocast, channels-last) on a GPU. Slides are
+from the slide through the fast bag reader. DataLoader workers decode and cut patches. On a GPU the uint8
+batch goes to the device, where it is resized and normalised (:meth:`VisionEncoder.preprocess_batch`) and
+run in the encoder's preferred precision (weights cast to it, autocast, channels-last); stored JPEGs are
+decoded there too, by nvjpeg (``torchvision.io.decode_jpeg(device="cuda")``), so the workers only read
+bytes. On a CPU the workers also resize and normalise, so that this overlaps the model instead of running
+between its batches; how many workers (none on a small machine) is :func:`auto_workers`. The model can be
+compiled (``torch_compile``). Slides are
 sharded over ranks (``RANK``/``WORLD_SIZE`` or ``--shard``); a slide whose features are complete is
 skipped, so an interrupted job resumes where it stopped.
 
@@ -55,6 +59,31 @@ from pathvl.data.dataset import (
 #: Patches a worker hands over at once when reading stored JPEGs.
 JPEG_CHUNK = 64
 
+#: Most DataLoader workers :func:`auto_workers` gives a GPU (each decodes about 500-800 patches/s).
+MAX_AUTO_WORKERS = 16
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def auto_workers(device: torch.device | str) -> int:
+    """DataLoader workers for ``pathvl embed`` on ``device`` when the user sets none.
+
+    On a CPU the model's intra-op threads already use every core, so a worker only helps when the machine
+    has cores to spare: none up to 4 cores (decoding and resizing between batches costs a few percent of a
+    small ViT's time: 97-98% of model-only with none, 90-93% with one worker and 68% with two on 2 cores,
+    benchmarks/RESULTS.md), else a quarter of the cores, at most 8. On a GPU the input side must keep up
+    with a fast model: every core but one, at most :data:`MAX_AUTO_WORKERS`.
+    """
+    cores = _cores()
+    if torch.device(device).type == "cuda":
+        return max(1, min(MAX_AUTO_WORKERS, cores - 1))
+    return 0 if cores <= 4 else min(8, cores // 4)
+
 
 def feature_name(encoder: str) -> str:
     """HDF5-safe name of an encoder's features (``timm:vit_base`` -> ``timm-vit_base``), as in :mod:`pathvl._const`."""
@@ -99,12 +128,15 @@ class EmbedSummary:
 class _SlideUnits(TorchDataset):
     """Work units of one slide: chunks of stored JPEGs, or whole bags read from the slide."""
 
-    def __init__(self, h5_path: Path, use_pixels: bool, n: int, bag_rows: np.ndarray, bag_size: int) -> None:
+    def __init__(self, h5_path: Path, use_pixels: bool, n: int, bag_rows: np.ndarray, bag_size: int,
+                 prep=None, raw_jpeg: bool = False) -> None:
         self.h5_path = h5_path
         self.use_pixels = use_pixels
         self.n = n
         self.bag_rows = bag_rows
         self.bag_size = bag_size
+        self.prep = prep  # resize + normalise in the worker (CPU), else None: uint8 out
+        self.raw_jpeg = raw_jpeg and use_pixels  # stored JPEG bytes out, decoded by the consumer (nvjpeg)
         self._h5 = None
         self._reader = None
 
@@ -141,20 +173,27 @@ class _SlideUnits(TorchDataset):
             self._h5.close()
             self._h5 = None
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        """Returns ``(first_row, patches (n, P, P, 3) uint8)``: the unit covers rows ``first_row .. + n``.
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | list[torch.Tensor]]:
+        """Returns ``(first_row, patches)``: the unit covers rows ``first_row .. + len(patches)``.
 
-        Patches travel as a tensor so that DataLoader workers hand them over through shared memory
-        (a numpy array would be pickled through a pipe, at a fraction of the speed).
+        ``patches`` is ``(n, P, P, 3)`` uint8, or ``(n, 3, S, S)`` float32 already resized and normalised
+        (``prep``), or a list of ``n`` uint8 tensors of JPEG bytes (``raw_jpeg``). They travel as tensors so
+        that DataLoader workers hand them over through shared memory (a numpy array would be pickled
+        through a pipe, at a fraction of the speed).
         """
         self._open()
         if self.use_pixels:
-            from pathvl.data.tiler import decode_jpeg
-
             start, stop = i * JPEG_CHUNK, min(self.n, (i + 1) * JPEG_CHUNK)
             data = self._h5[K.PIXELS_JPEG][start:stop]
-            return start, torch.from_numpy(np.stack([decode_jpeg(d) for d in data]))
-        return int(self.bag_rows[i]), torch.from_numpy(self._reader.read(self._reader.plan.roots[i]))
+            if self.raw_jpeg:
+                return start, [torch.from_numpy(np.asarray(d, dtype=np.uint8)) for d in data]
+            from pathvl.data.tiler import decode_jpeg
+
+            pix = torch.from_numpy(np.stack([decode_jpeg(d) for d in data]))
+        else:
+            start = int(self.bag_rows[i])
+            pix = torch.from_numpy(self._reader.read(self._reader.plan.roots[i]))
+        return start, (self.prep(pix) if self.prep is not None else pix)
 
 
 def _device() -> torch.device:
@@ -185,13 +224,59 @@ def _check_finite(path: Path, feats: np.ndarray, encoder: str) -> None:
                            "for this slide (check the weights, or try --dtype fp32)")
 
 
+def _worker_preprocess(enc):
+    """A picklable resize-and-normalise of ``enc`` for the DataLoader workers, or ``None`` when the encoder
+    preprocesses in its own way (then the main process does it)."""
+    from pathvl.encoders.preprocess import resize_normalise
+    from pathvl.encoders.vision import VisionEncoder
+
+    if not isinstance(enc, VisionEncoder) or type(enc).preprocess_batch is not VisionEncoder.preprocess_batch:
+        return None
+    return functools.partial(resize_normalise, size=enc.input_size, mean=enc.mean, std=enc.std,
+                             interpolation=enc.interpolation, resize_size=enc.resize_size)
+
+
+def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``(n, 3, H, W)`` uint8 on ``device`` from JPEG byte tensors: nvjpeg on a GPU (one batched call),
+    libjpeg-turbo through torchvision on a CPU."""
+    import warnings
+
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec's
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        out = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    return torch.stack(out)
+
+
+def _device_jpeg_decode(choice: str, device: torch.device) -> bool:
+    """Whether stored JPEGs are decoded by the consumer on ``device`` (``jpeg_decode`` of :func:`embed_dataset`)."""
+    if choice not in ("auto", "host", "device"):
+        raise DatasetError(f"jpeg_decode must be auto, host or device, got {choice!r}")
+    if choice == "host":
+        return False
+    if choice == "device":
+        return True
+    if device.type != "cuda":
+        return False
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return False
+    return True
+
+
 def embed_slide(ds: Dataset, slide_id: str, enc, name: str, *, batch_size: int, workers: int,
-                device: torch.device, dtype: torch.dtype, bar: tqdm | None = None) -> int:
+                device: torch.device, dtype: torch.dtype, bar: tqdm | None = None, device_decode: bool = False,
+                encode=None) -> int:
     """Embed one slide and write ``features/<name>``; returns the number of patches.
 
     Units from the loader are copied (asynchronously on a GPU, from pinned memory) into one device
     batch buffer; every full batch is preprocessed and encoded on the device and its features stay there
-    until the slide is done, so the host never waits for the device between batches.
+    until the slide is done, so the host never waits for the device between batches. On a CPU with
+    workers, the workers resize and normalise (the buffer then holds model inputs). With
+    ``device_decode`` the workers hand over stored JPEG bytes, decoded here on ``device``. ``encode``
+    replaces ``enc.encode`` (a compiled one).
     """
     path = ds.path(slide_id)
     with ds.open(slide_id) as f, reading(path):
@@ -207,23 +292,28 @@ def embed_slide(ds: Dataset, slide_id: str, enc, name: str, *, batch_size: int, 
                 f"features/{name} of {slide_id} ({n} patches x {enc.width}) in a new copy of {path}")
     roots = np.flatnonzero(parent < 0)
     bag_size = n // max(1, len(roots))
-    units = _SlideUnits(path, use_pixels, n, roots, bag_size)
     cuda = device.type == "cuda"
+    raw_jpeg = device_decode and use_pixels  # the workers hand over bytes: decoding and resizing happen here
+    prep = _worker_preprocess(enc) if not cuda and workers > 0 and not raw_jpeg else None
+    units = _SlideUnits(path, use_pixels, n, roots, bag_size, prep=prep, raw_jpeg=raw_jpeg)
+    encode = encode or enc.encode
     loader = DataLoader(units, batch_size=1, shuffle=False, num_workers=workers, collate_fn=_collate_one,
                         pin_memory=cuda, persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
                         worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers > 0 else None)
     feats = torch.empty((n, enc.width), dtype=torch.float16, device=device)
     autocast = cuda and dtype in (torch.bfloat16, torch.float16)
-    batch: torch.Tensor | None = None  # (batch_size, P, P, 3) uint8 on the device, filled in place
+    # (batch_size, P, P, 3) or (batch_size, 3, P, P) uint8, or (batch_size, 3, S, S) model inputs (``prep``),
+    # on the device, filled in place
+    batch: torch.Tensor | None = None
     filled = done = 0  # patches in the batch buffer; rows whose features are computed
 
     def run_batch() -> None:
         nonlocal filled, done
-        x = enc.preprocess_batch(batch[:filled])
+        x = batch[:filled] if prep is not None else enc.preprocess_batch(batch[:filled])
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            feats[done:done + filled] = enc.encode(x).to(torch.float16)
+            feats[done:done + filled] = encode(x).to(torch.float16)
         if bar is not None:
             bar.update(filled)
         done += filled
@@ -234,9 +324,14 @@ def embed_slide(ds: Dataset, slide_id: str, enc, name: str, *, batch_size: int, 
         for start, pix in loader:
             if start != expected:  # units arrive in row order and tile the table (bags and chunks are contiguous)
                 raise DatasetError(f"{path}: patch rows out of order ({start}, expected {expected}); re-tile the slide")
+            if isinstance(pix, list):  # stored JPEG bytes: decode here, on the device
+                pix = _decode_jpegs(pix, device)
             expected += len(pix)
             if batch is None:
-                batch = torch.empty((batch_size, *pix.shape[1:]), dtype=torch.uint8, device=device)
+                batch = torch.empty((batch_size, *pix.shape[1:]), dtype=pix.dtype, device=device)
+            elif pix.shape[1:] != batch.shape[1:]:
+                raise DatasetError(f"{path}: patches of shape {tuple(pix.shape[1:])} after {tuple(batch.shape[1:])}; "
+                                   "re-tile the slide")
             taken = 0
             while taken < len(pix):
                 k = min(batch_size - filled, len(pix) - taken)
@@ -294,11 +389,13 @@ def embed_dataset(
     encoder_args: str | Path | dict | None = None,
     batch_size: int = 256,
     dtype: str = "auto",
-    workers: int = 2,
+    workers: int | None = None,
     shard: tuple[int, int] = (0, 1),
     overwrite: bool = False,
     progress: bool = True,
     enc=None,
+    jpeg_decode: str = "auto",
+    torch_compile: bool | str = False,
 ) -> EmbedSummary:
     """Write ``features/<encoder>`` for every slide of a dataset (this shard's share).
 
@@ -310,11 +407,15 @@ def embed_dataset(
             .json/.yaml file (``pathvl embed --encoder-args``), passed to ``build_vision(..., args=...)``.
         batch_size: Patches per forward pass.
         dtype: ``bf16``, ``fp16``, ``fp32`` or ``auto`` (the encoder's preference on a GPU, fp32 on CPU).
-        workers: DataLoader worker processes decoding and reading pixels.
+        workers: DataLoader worker processes decoding and reading pixels (``None``: :func:`auto_workers`).
         shard: ``(i, n)``: embed slides ``i, i+n, ...`` of the sorted list.
         overwrite: Recompute slides whose features exist.
         progress: Show a progress bar with patches/s.
         enc: An already built encoder (tests, benchmarks); overrides ``encoder``/``weights``.
+        jpeg_decode: Where stored JPEGs are decoded: ``host`` (the workers, libjpeg-turbo), ``device`` (the
+            main process on the model's device: nvjpeg on a GPU) or ``auto`` (``device`` on a GPU).
+        torch_compile: ``torch.compile`` the encoder's forward (``True``: the default backend, inductor; a string:
+            that backend). The first batches of each shape pay the compilation.
 
     Returns:
         The summary; ``failed`` lists the slides that could not be embedded (the others were).
@@ -328,7 +429,7 @@ def embed_dataset(
 
     if batch_size < 1:
         raise DatasetError(f"batch size must be at least 1, got {batch_size}")
-    if workers < 0:
+    if workers is not None and workers < 0:
         raise DatasetError(f"workers must be 0 or more, got {workers}")
     i, n = shard
     if not (n >= 1 and 0 <= i < n):
@@ -354,6 +455,12 @@ def embed_dataset(
         enc.model.to(memory_format=torch.channels_last)
     else:
         enc.to(device)
+    if workers is None:
+        workers = auto_workers(device)
+    device_decode = _device_jpeg_decode(jpeg_decode, device)
+    encode = None
+    if torch_compile:
+        encode = torch.compile(enc.encode, **({} if torch_compile is True else {"backend": str(torch_compile)}))
     prov = enc.provenance()
     sha = prov.get("weights_sha256") or "none"
     transform = json.dumps(prov.get("transform", {}), sort_keys=True)
@@ -390,7 +497,8 @@ def embed_dataset(
                         summary.skipped.append(sid)
                         continue
                     summary.patches += embed_slide(ds, sid, enc, name, batch_size=batch_size, workers=workers,
-                                                   device=device, dtype=torch_dtype, bar=bar)
+                                                   device=device, dtype=torch_dtype, bar=bar,
+                                                   device_decode=device_decode, encode=encode)
                 except DiskFullError:
                     raise
                 except Exception as e:  # this slide only: report, record, go on
