@@ -21,8 +21,9 @@ reader) and ``pixels`` (tiled with ``--store-pixels``: stored JPEGs are decoded)
 from generated 40x slides (default spec: 5/10/20/40x, 512 px, bags of 85) and cached under ``--work``.
 
 Defaults follow the device: on a GPU ``uni`` (UNI's ViT-L/16 architecture; random weights through the
-registry's test hook unless ``--weights`` is given), bf16, batch 256, 16 workers, 8 slides x 48 bags; on
-a CPU ``timm:vit_small_patch16_224`` (random weights), fp32, batch 32, 1 slide x 20 bags.
+registry's test hook unless ``--weights`` is given), bf16, batch 256, auto workers (every core but one, at
+most 16), 8 slides x 48 bags, stored JPEGs decoded by nvjpeg; on a CPU ``timm:vit_small_patch16_224``
+(random weights), fp32, batch 32, auto workers (none up to 4 cores), 1 slide x 20 bags.
 
 Run ``python benchmarks/bench_embed.py --help``; see benchmarks/README.md.
 """
@@ -193,12 +194,13 @@ def loader_only(root: Path, workers: int, device: torch.device) -> float:
     return n_total / (time.perf_counter() - t)
 
 
-def end_to_end(root: Path, name: str, enc, batch: int, workers: int, dtype: str) -> dict:
+def end_to_end(root: Path, name: str, enc, batch: int, workers: int, dtype: str, jpeg_decode: str = "auto",
+               torch_compile: bool | str = False) -> dict:
     from pathvl.data.embed import embed_dataset
 
     t = time.perf_counter()
     s = embed_dataset(root, name, enc=enc, batch_size=batch, workers=workers, dtype=dtype, overwrite=True,
-                      progress=False)
+                      progress=False, jpeg_decode=jpeg_decode, torch_compile=torch_compile)
     wall = time.perf_counter() - t
     return {"patches": s.patches, "seconds": s.seconds, "wall_s": wall, "patches_per_s": s.patches / s.seconds}
 
@@ -237,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="as `pathvl embed --dtype` (auto: the encoder's preference on a GPU, fp32 on a CPU)")
     ap.add_argument("--batch-size", type=int, default=None, help="default 256 on a GPU, 32 on a CPU")
     ap.add_argument("--workers", type=int, nargs="+", default=None, help="DataLoader workers (several: a sweep); "
-                    "default min(16, cores) on a GPU, 2 on a CPU")
+                    "default pathvl.data.embed.auto_workers (every core but one, at most 16, on a GPU; "
+                    "none on a CPU of up to 4 cores)")
     ap.add_argument("--sources", nargs="+", choices=["slide", "pixels"], default=["slide", "pixels"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/pathvl-bench"), help="cache of slides and datasets")
     ap.add_argument("--slide-size", type=int, default=50000, help="side in px of the generated 40x slide")
@@ -248,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                     "(default 10 on a GPU, 15 on a CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--no-loader-only", action="store_true", help="skip the loader-only figure")
+    ap.add_argument("--jpeg-decode", choices=["auto", "host", "device"], default="auto",
+                    help="where stored JPEGs are decoded, as embed_dataset(jpeg_decode=) (auto: nvjpeg on a GPU)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the encoder (end-to-end only)")
     ap.add_argument("--json", type=Path, default=None, help="results file (default WORK/bench_embed-DEVICE.json)")
     a = ap.parse_args(argv)
 
@@ -255,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     encoders = a.encoder or (["uni"] if cuda else ["timm:vit_small_patch16_224"])
     batch = a.batch_size or (256 if cuda else 32)
-    workers_list = a.workers or ([min(16, os.cpu_count() or 1)] if cuda else [2])
+    from pathvl.data.embed import auto_workers
+
+    workers_list = a.workers or [auto_workers(device)]
     n_slides = a.slides or (8 if cuda else 1)
     parents = a.parents or (48 if cuda else 20)
     model_s = a.model_seconds or (10.0 if cuda else 15.0)
@@ -288,12 +296,13 @@ def main(argv: list[str] | None = None) -> int:
                 load_start = load1()
                 before = model_only(enc, device, torch_dtype, batch, model_s)
                 loader = float("nan") if a.no_loader_only else loader_only(roots[src], workers, device)
-                e2e = end_to_end(roots[src], name, enc, batch, workers, dtype_name)
+                e2e = end_to_end(roots[src], name, enc, batch, workers, dtype_name, a.jpeg_decode, a.compile)
                 after = model_only(enc, device, torch_dtype, batch, model_s)
                 ref = (before + after) / 2
                 run = {
                     "encoder": name, "description": enc.description, "dtype": dtype_name, "batch_size": batch,
-                    "source": src, "workers": workers, "patches": e2e["patches"],
+                    "source": src, "workers": workers, "patches": e2e["patches"], "jpeg_decode": a.jpeg_decode,
+                    "compile": a.compile,
                     "e2e_patches_per_s": e2e["patches_per_s"], "e2e_seconds": e2e["seconds"],
                     "model_only_patches_per_s": ref, "model_only_before": before, "model_only_after": after,
                     "ratio": e2e["patches_per_s"] / ref, "model_preprocess_patches_per_s": mp,
