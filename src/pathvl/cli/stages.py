@@ -174,15 +174,22 @@ def _add_caption(sub) -> None:
     g.add_argument("--batch-size", type=_int_ge1, default=None, help="patches per generation batch")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: GPU when present)")
     g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="model precision")
+    g.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="hf: Hugging Face generate (CPU or GPU); vllm: vLLM's offline batch engine on CUDA GPUs "
+                        "(pip install 'pathvl[vllm]'; larger default --batch-size)")
     p.set_defaults(func=require_dataset(_run_caption))
 
 
 def _run_caption(a: argparse.Namespace) -> int:
     from pathvl.data.caption import caption_dataset
 
+    if a.backend != "hf" and a.captioner != "llava":
+        raise argparse.ArgumentTypeError(f"--backend {a.backend} is for --captioner llava only; the {a.captioner} "
+                                         "captioner runs no model (drop --backend)")
     opts = {"labels": a.labels, "seed": a.seed, "ground_truth": False if a.no_ground_truth else None,
             "path": a.source, "match": a.match, "model": a.model, "question": a.question, "prompt": a.prompt,
-            "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size, "device": a.device, "dtype": a.dtype}
+            "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size, "device": a.device, "dtype": a.dtype,
+            "backend": a.backend if a.captioner == "llava" else None}
     s = caption_dataset(a.dataset, a.captioner, options={k: v for k, v in opts.items() if v is not None},
                         name=a.name, max_chars=a.max_chars, overwrite=a.overwrite, shard=a.shard,
                         progress=not a.no_progress)
