@@ -238,6 +238,16 @@ def test_cli_embed_and_list(tmp_path, slides, capsys):
         assert f[FEATURES].shape == (170, 32)
     assert main(["embed", str(root), "--encoder", "tiny-vit", "--no-progress", "--workers", "0"]) == 0
     assert "skipped 2 already done" in capsys.readouterr().out
+    first = _features(Dataset(root), "b")[0]
+    # the auto worker count and decoding on the device (torchvision here, nvjpeg on a GPU) give the same features
+    assert main(["embed", "--dataset", str(root), "--encoder", "tiny-vit", "--no-progress", "--jpeg-decode", "device",
+                 "--overwrite"]) == 0
+    assert "embedded 2 slide(s)" in capsys.readouterr().out
+    np.testing.assert_allclose(_features(Dataset(root), "b")[0].astype(np.float32), first.astype(np.float32),
+                               atol=1e-3)
+    with pytest.raises(SystemExit):
+        main(["embed", "--dataset", str(root), "--encoder", "tiny-vit", "--jpeg-decode", "gpu"])
+    assert "invalid choice: 'gpu'" in capsys.readouterr().err
     assert main(["embed", "--list"]) == 0
     listed = capsys.readouterr().out
     for name in ("tiny-vit", "tiny-cnn", "colour-texture", "uni"):

@@ -99,6 +99,8 @@ EMBED_EXAMPLE = """example:
   pathvl embed --dataset data/mrplip --encoder uni --weights ~/models/uni/pytorch_model.bin
   pathvl embed --dataset data/mrplip --encoder colour-texture            # no weights needed (demo encoder)
   torchrun --nproc_per_node 8 -m pathvl.cli embed --dataset data/mrplip --encoder uni --weights uni.bin
+  pathvl embed --dataset data/mrplip --encoder uni --weights uni.bin --compile   # GPU: torch.compile the encoder
+on a GPU, stored JPEGs (tile --store-pixels) are decoded there by nvjpeg (--jpeg-decode host: by the workers).
 """
 
 
@@ -115,7 +117,13 @@ def _add_embed(sub) -> None:
     p.add_argument("--batch-size", type=_int_ge1, default=256, help="patches per forward pass")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="precision (auto: the encoder's preference on a GPU, fp32 on CPU)")
-    p.add_argument("--workers", type=_int_ge0, default=2, help="DataLoader workers decoding and reading pixels")
+    p.add_argument("--workers", type=_int_ge0, default=None,
+                   help="DataLoader workers decoding and reading pixels (default: every core but one, at most 16, "
+                        "on a GPU; none on a CPU of up to 4 cores, where they would compete with the model)")
+    p.add_argument("--jpeg-decode", choices=["auto", "host", "device"], default="auto",
+                   help="where stored JPEGs are decoded: the workers (host) or the model's device (nvjpeg on a GPU); "
+                        "auto: device on a GPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (pays off on long GPU runs)")
     p.add_argument("--shard", type=_shard, default=None, help="I/N (default: RANK/WORLD_SIZE or 0/1)")
     p.add_argument("--overwrite", action="store_true", help="recompute slides whose features exist")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -135,7 +143,7 @@ def _run_embed(a: argparse.Namespace) -> int:
         raise argparse.ArgumentTypeError("give --dataset DATASET and --encoder NAME (or --list)")
     s = embed_dataset(a.dataset, a.encoder, a.weights, encoder_args=a.encoder_args, batch_size=a.batch_size,
                       dtype=a.dtype, workers=a.workers, shard=a.shard or shard_from_env(), overwrite=a.overwrite,
-                      progress=not a.no_progress)
+                      progress=not a.no_progress, jpeg_decode=a.jpeg_decode, torch_compile=a.compile)
     print(s.text())
     return _stage_exit(s.failed)
 
@@ -145,6 +153,7 @@ CAPTION_EXAMPLE = """example:
   pathvl caption --dataset data/mrplip --captioner template              # synthetic template text (demos, tests)
   pathvl caption --dataset data/mrplip --captioner import --from captions.csv
   pathvl caption --dataset data/mrplip --captioner llava --model ~/models/quilt-llava-hf --batch-size 16
+  pathvl caption --dataset data/mrplip --captioner llava --model ~/models/quilt-llava-hf --backend vllm  # GPU
 """
 
 
