@@ -237,6 +237,16 @@ def test_lm_shifts_inside(smoothing: float) -> None:
     assert unshifted.item() == pytest.approx(sum(terms) / len(terms), rel=1e-6)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_lm_every_label_kept_matches_the_hand_computed_mean(smoothing: float) -> None:
+    """Packed logits (every row predicts a token) take the path without the row selection: same value."""
+    logits = RNG.normal(size=(1, 5, 6))
+    labels = [[0, 4, 2, 5, 1]]
+    terms = [_ce(list(logits[0, t]), labels[0][t], smoothing) for t in range(5)]
+    loss = LMLoss(label_smoothing=smoothing, shift=False)(lm_logits=_t(logits), lm_labels=torch.tensor(labels))
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-6)
+
+
 def test_lm_perfect_prediction_of_next_token_is_zero_loss() -> None:
     ids = torch.tensor([[5, 1, 3, 2]])
     logits = torch.full((1, 4, 8), -1e4)

@@ -20,6 +20,8 @@ def _token_ce(logits: Tensor, labels: Tensor, label_smoothing: float) -> Tensor:
     keep = flat_labels != IGNORE_INDEX
     if not bool(keep.any()):
         return zero_loss(logits)
+    if bool(keep.all()):  # packed logits (MR-PLIP PLM, PathAlign ITG): no (rows, vocab) copy for the selection
+        return F.cross_entropy(flat_logits.float(), flat_labels, label_smoothing=label_smoothing)
     return F.cross_entropy(flat_logits[keep].float(), flat_labels[keep], label_smoothing=label_smoothing)
 
 
