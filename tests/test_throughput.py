@@ -118,6 +118,21 @@ def test_meter_counts_new_shapes_only_when_due() -> None:
     assert step(small)["flops"] == first["flops"]  # shapes seen before: their own count
     assert len(meter.counts) == 2
 
+    # a resumed run's meter (restored from the checkpoint's state) counts exactly the steps the first would
+    resumed = MFUMeter(torch.device("cpu"), recount_every=3)
+    resumed.load_state_dict(meter.state_dict())
+    assert resumed.counts == meter.counts and resumed.state_dict() == meter.state_dict()
+    huge = {"x": torch.randn(9, 4)}
+    for m in (meter, resumed):
+        with m.counting([huge]):
+            model(huge).backward()
+    assert meter.record(0.01) == resumed.record(0.01) and not resumed._counted_now  # 2 steps since the count
+    fresh = MFUMeter(torch.device("cpu"), recount_every=3)
+    fresh.load_state_dict(None)  # a checkpoint written without MFU
+    with fresh.counting([huge]):
+        model(huge).backward()
+    assert fresh._counted_now
+
 
 # ------------------------------------------------------------------------------------------ the engine
 def test_engine_logs_mfu_and_the_counted_flops(tmp_path: Path) -> None:

@@ -554,9 +554,11 @@ def train(
     stream = _BatchStream(data)
     weights = {name: float(cfg.losses[name]) for name in losses}
 
+    meter = (MFUMeter(device, torch.bfloat16 if _uses_bf16(device, cfg.run.precision) else torch.float32)
+             if cfg.run.mfu else None)
     start_step, rng = 0, None
     if ckpt is not None:
-        start_step, rng = _restore(ckpt, module, optimizer, schedule, stream, cfg, dist_info)
+        start_step, rng = _restore(ckpt, module, optimizer, schedule, stream, cfg, dist_info, meter)
         log.info("resumed %s at step %d", ckpt, start_step)
     if dist_info.is_main:  # everything fits: record what this run is
         save_config(cfg, run_dir / CONFIG_FILE)
@@ -578,8 +580,6 @@ def train(
     last_step = min(cfg.run.steps, stop_at) if stop_at is not None else cfg.run.steps
     global_batch = cfg.data.batch_size * cfg.optim.accum_steps * dist_info.world_size
     autocast = _autocast(device, cfg.run.precision)
-    meter = (MFUMeter(device, torch.bfloat16 if _uses_bf16(device, cfg.run.precision) else torch.float32)
-             if cfg.run.mfu else None)
     metrics = _MetricsLog(run_dir / METRICS_FILE, start_step) if dist_info.is_main else None
     bar = tqdm(total=last_step, initial=start_step, desc=cfg.run.name, unit="step", dynamic_ncols=True,
                disable=not (dist_info.is_main and cfg.run.progress))
@@ -625,7 +625,7 @@ def train(
                       file=sys.stderr)
             stop = stopper.requested(device)
             if (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or step == last_step or stop:
-                saved = _save(run_dir, step, module, optimizer, schedule, stream, cfg, dist_info) or saved
+                saved = _save(run_dir, step, module, optimizer, schedule, stream, cfg, dist_info, meter) or saved
             if stop:
                 name = signal.Signals(stopper.received).name if stopper.received else "a signal on another rank"
                 message = (f"stopped by {name} after step {step}: checkpoint {saved}; resume with "
@@ -676,6 +676,7 @@ def _save(
     stream: _BatchStream,
     cfg: TrainConfig,
     dist_info: DistInfo,
+    meter: MFUMeter | None = None,
 ) -> Path | None:
     """Checkpoint at ``step``: every rank hands in its RNG and data position; rank 0 writes.
 
@@ -687,7 +688,8 @@ def _save(
                                                     "losses": module.losses.state_dict()},
                                      save_frozen=cfg.run.save_frozen)
     check_checkpoint_space(run_dir, step, need)
-    ranks = _gather_objects({"rng": get_rng_state(), "data": stream.state_dict()})
+    ranks = _gather_objects({"rng": get_rng_state(), "data": stream.state_dict(),
+                             "mfu": meter.state_dict() if meter is not None else None})
     if not dist_info.is_main:
         return None
     trainer_state = {
@@ -723,8 +725,10 @@ def _restore(
     stream: _BatchStream,
     cfg: TrainConfig,
     dist_info: DistInfo,
+    meter: MFUMeter | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """Loads a checkpoint into the freshly built objects; returns the step and this rank's RNG state."""
+    """Loads a checkpoint into the freshly built objects (``meter``: the FLOP counts and recount clock too);
+    returns the step and this rank's RNG state."""
     state, meta = load_model_weights(ckpt, family=cfg.family)
     load_into(module.model, state, meta["omitted"])
     trainer = load_trainer_state(ckpt)
@@ -748,6 +752,8 @@ def _restore(
                     "from an uninterrupted run", len(ranks), dist_info.world_size)
     mine = ranks[dist_info.rank % len(ranks)]
     stream.load_state_dict(mine["data"])
+    if meter is not None:
+        meter.load_state_dict(mine.get("mfu"))
     return int(trainer["step"]), mine["rng"]
 
 
