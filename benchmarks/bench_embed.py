@@ -136,8 +136,9 @@ def model_with_preprocess(enc, device, dtype, batch: int, patch_px: int, seconds
 
 # ------------------------------------------------------------------------------------------ data
 def dataset(work: Path, size: int, n_slides: int, parents: int, patch_px: int, store_pixels: bool,
-            workers: int) -> Path:
-    """A tiled dataset of ``n_slides`` slides (hard links of one generated slide), cached under ``work``."""
+            workers: int, grid: bool = False) -> Path:
+    """A tiled dataset of ``n_slides`` slides (hard links of one generated slide), cached under ``work``;
+    ``grid``: ``parents`` patches of a 20x grid per slide instead of bags of 85."""
     from pathvl.data.tiler import TileOptions, tile_slides
     from pathvl.slide.tiling import TileSpec
 
@@ -153,8 +154,10 @@ def dataset(work: Path, size: int, n_slides: int, parents: int, patch_px: int, s
             except OSError:
                 shutil.copyfile(src, p)
         paths.append(p)
-    out = work / f"embed-ds-{size}-{n_slides}x{parents}-{patch_px}px{'-pixels' if store_pixels else ''}"
-    spec = TileSpec(patch_px=patch_px, parents=parents)
+    out = work / (f"embed-ds-{size}-{n_slides}x{parents}-{patch_px}px{'-grid20x' if grid else ''}"
+                  f"{'-pixels' if store_pixels else ''}")
+    spec = TileSpec(mags=(20.0,), patch_px=patch_px, parents=parents) if grid else TileSpec(patch_px=patch_px,
+                                                                                             parents=parents)
     t = time.perf_counter()
     s = tile_slides(paths, out, spec, TileOptions(store_pixels=store_pixels, workers=max(1, min(workers, n_slides)),
                                                   progress=False))
@@ -247,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slides", type=int, default=None, help="slides in the dataset (default 8 GPU, 1 CPU)")
     ap.add_argument("--parents", type=int, default=None, help="bags per slide (default 48 GPU, 20 CPU)")
     ap.add_argument("--patch-px", type=int, default=512)
+    ap.add_argument("--grid", action="store_true",
+                    help="a 20x grid of --parents patches per slide (the field's usual spec) instead of bags of 85")
     ap.add_argument("--model-seconds", type=float, default=None, help="time each model-only figure this long "
                     "(default 10 on a GPU, 15 on a CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -277,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {"environment": environment(device), "runs": []}
     print(f"{results['environment'].get('gpu', 'CPU')}; host {results['environment']['cpu']}, "
           f"{results['environment']['cores']} cores; load {loadavg()}", flush=True)
-    roots = {src: dataset(a.work, a.slide_size, n_slides, parents, a.patch_px, src == "pixels", max(workers_list))
+    roots = {src: dataset(a.work, a.slide_size, n_slides, parents, a.patch_px, src == "pixels", max(workers_list),
+                          a.grid)
              for src in a.sources}
 
     for name in encoders:

@@ -74,9 +74,9 @@ def auto_workers(device: torch.device | str) -> int:
     """DataLoader workers for ``pathvl embed`` on ``device`` when the user sets none.
 
     On a CPU the model's intra-op threads already use every core, so a worker only helps when the machine
-    has cores to spare: none up to 4 cores (decoding and resizing between batches costs a few percent of a
-    small ViT's time: 97-98% of model-only with none, 90-93% with one worker and 68% with two on 2 cores,
-    benchmarks/RESULTS.md), else a quarter of the cores, at most 8. On a GPU the input side must keep up
+    has cores to spare: none up to 4 cores (on 2 cores, ViT-Ti end to end was a median 95% of model-only
+    with none, 83% with one worker and 82% with two: benchmarks/RESULTS.md), else a quarter of the cores,
+    at most 8. On a GPU the input side must keep up
     with a fast model: every core but one, at most :data:`MAX_AUTO_WORKERS`.
     """
     cores = _cores()
