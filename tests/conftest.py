@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,11 @@ def synthetic_generic_slide(tmp_path_factory) -> SyntheticSlide:
     """Tiny generic tiled TIFF: 2048 x 2048, mpp 0.5 in the resolution tags only, levels 1/4/16/64."""
     d = tmp_path_factory.mktemp("synthetic")
     return write_synthetic_slide(d / "generic.tiff", (2048, 2048), mpp=0.5, seed=1, flavour="generic")
+
+
+@pytest.fixture
+def ds_copy(dataset: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the requesting module's ``dataset`` fixture, for tests that write into it."""
+    out = tmp_path / "ds"
+    shutil.copytree(dataset, out)
+    return out

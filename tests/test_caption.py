@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import shutil
 from pathlib import Path
 
 import h5py
@@ -40,13 +39,6 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     s = tile_slides([root / "slides"], root / "ds", spec, TileOptions(progress=False))
     assert s.done == [SID]
     return root / "ds"
-
-
-@pytest.fixture
-def ds_copy(dataset: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "ds"
-    shutil.copytree(dataset, out)
-    return out
 
 
 def _footprint(f: h5py.File, mag: float) -> int:

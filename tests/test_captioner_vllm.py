@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,13 +48,6 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     spec = TileSpec(mags=(20, 40), patch_px=32, parents=2, min_tissue=0.3)
     assert tile_slides([root / "slides"], root / "ds", spec, TileOptions(progress=False)).done == [SID]
     return root / "ds"
-
-
-@pytest.fixture
-def ds_copy(dataset: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "ds"
-    shutil.copytree(dataset, out)
-    return out
 
 
 class HFEngine:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pathvl import __version__
-from pathvl.cli._shape import _int_ge0, _int_ge1, _positive_float, _positive_int  # noqa: F401 (re-exported)
+from pathvl.cli._shape import _int_ge0, _int_ge1, _positive_float  # noqa: F401 (re-exported)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -192,9 +192,9 @@ def _add_probe(sub) -> None:
     p.add_argument("--features", default=None, metavar="ENCODER",
                    help="probe a plain frozen encoder instead of a checkpoint (uni, timm:<arch>, openclip:<dir>, ...)")
     p.add_argument("--weights", default=None, help="local weights file of the --features encoder")
-    p.add_argument("--shots", type=_positive_int, nargs="+", default=None, metavar="K",
+    p.add_argument("--shots", type=_int_ge1, nargs="+", default=None, metavar="K",
                    help="few-shot: K training tiles per class, e.g. --shots 1 2 4 8 16")
-    p.add_argument("--seeds", type=_positive_int, default=5, help="draws per K (seeds SEED .. SEED+N-1)")
+    p.add_argument("--seeds", type=_int_ge1, default=5, help="draws per K (seeds SEED .. SEED+N-1)")
     p.add_argument("--seed", type=int, default=0, help="first seed (draws, validation split)")
     p.add_argument("--simpleshot", action="store_true",
                    help="SimpleShot nearest centroid instead of logistic regression")

@@ -114,13 +114,3 @@ def _jpeg_quality(text: str) -> int:
     if not 1 <= v <= 100:
         raise argparse.ArgumentTypeError(f"--jpeg-quality must be within 1..100, got {text}")
     return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v

@@ -102,6 +102,19 @@ def slide_sources(manifest: dict) -> dict[str, str]:
     return out
 
 
+def slides_record(root: str | Path) -> dict | None:
+    """What a run trained on: ``{"dataset": resolved folder, "slide_ids": sorted ids, "sources": {id: slide
+    file}}`` of the dataset at ``root``, or ``None`` when it has no readable manifest (synthetic or moved)."""
+    if not root:
+        return None
+    try:
+        manifest = read_manifest(Path(root))
+    except (DatasetError, OSError):
+        return None
+    return {"dataset": str(Path(root).resolve()), "slide_ids": sorted(manifest.get("slides", {})),
+            "sources": slide_sources(manifest)}
+
+
 def init_manifest(root: Path, spec_json: str) -> dict:
     """Create the manifest, or check that an existing one was written with the same spec.
 

@@ -25,8 +25,7 @@ def _trained_on(model: Any) -> dict[str, Any] | None:
     time, so the answer survives the training data being moved or deleted; older checkpoints fall back to
     reading the training dataset named in their config) or a resolved training config.
     """
-    from pathvl.data.files import DatasetError
-    from pathvl.data.manifest import read_manifest, slide_sources
+    from pathvl.data.manifest import slides_record
 
     if model is None:
         return None
@@ -36,15 +35,10 @@ def _trained_on(model: Any) -> dict[str, Any] | None:
         return {"dataset": str(rec.get("dataset", "")), "slide_ids": set(rec.get("slide_ids", ())),
                 "sources": set(dict(rec.get("sources", {})).values())}
     config = getattr(model, "config", model)
-    root = getattr(getattr(config, "data", None), "dataset", "") if config is not None else ""
-    if not root:
+    rec = slides_record(getattr(getattr(config, "data", None), "dataset", "") if config is not None else "")
+    if rec is None:
         return None
-    try:
-        manifest = read_manifest(Path(root))
-    except (DatasetError, OSError):
-        return None
-    return {"dataset": str(root), "slide_ids": set(manifest.get("slides", {})),
-            "sources": set(slide_sources(manifest).values())}
+    return {"dataset": rec["dataset"], "slide_ids": set(rec["slide_ids"]), "sources": set(rec["sources"].values())}
 
 
 def training_overlap(model: Any, dataset: str | Path, slide_ids: Sequence[str] | None = None) -> dict[str, Any] | None:

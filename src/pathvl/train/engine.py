@@ -67,8 +67,7 @@ from pathvl.data.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from pathvl.data.files import DatasetError
-from pathvl.data.manifest import read_manifest, slide_sources
+from pathvl.data.manifest import slides_record
 from pathvl.dist import DistInfo, all_reduce_mean, barrier, init_distributed, is_dist_initialized
 from pathvl.errors import UserError
 from pathvl.families import get_family, load_config
@@ -653,18 +652,10 @@ def _explain(exc: NonFiniteLossError, saved: Path | None) -> NonFiniteLossError:
 
 
 def _training_slides(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The training dataset's resolved folder and ``{slide_id: slide file}``, kept in the checkpoint's meta so
-    that evaluation can tell held-out slides from training slides after the training data has moved
+    """The training dataset's resolved folder, slide ids and slide files, kept in the checkpoint's meta so that
+    evaluation can tell held-out slides from training slides after the training data has moved
     (:mod:`pathvl.eval.overlap`); ``None`` when the dataset has no manifest (synthetic or in-memory data)."""
-    root = getattr(cfg.data, "dataset", "")
-    if not root:
-        return None
-    try:
-        manifest = read_manifest(Path(root))
-    except (DatasetError, OSError):
-        return None
-    return {"dataset": str(Path(root).resolve()), "slide_ids": sorted(manifest.get("slides", {})),
-            "sources": slide_sources(manifest)}
+    return slides_record(getattr(cfg.data, "dataset", ""))
 
 
 def _save(
