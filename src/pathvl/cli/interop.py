@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from pathvl.cli._shape import add_dataset, add_dataset_option_alias, require_dataset
+from pathvl.cli import _Formatter
+from pathvl.cli._shape import _positive_float, add_dataset, add_dataset_option_alias, require_dataset
 
 EXPORT_EXAMPLE = """layouts:
   trident  OUT/<mag>x_<px>px_0px_overlap/patches/<slide>_patches.h5       (coords)
@@ -32,20 +33,6 @@ IMPORT_EXAMPLE = """example:
   contradicts the slide's mpp and target magnification, its slide is missing, it has no coords, or its
   feature count differs from its coords count; the other slides go on and the command exits 1.
 """
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
 
 
 def register(sub) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from pathvl.cli import _Formatter
 from pathvl.cli._shape import add_dataset, require_dataset
 
 EXAMPLE = """example:
@@ -18,10 +19,6 @@ EXAMPLE = """example:
   thousands of slide files. After any change to a slide file (tile, caption, embed) the pack is stale:
   training refuses it and names this command; rerun it (or delete the folder to read the slide files).
 """
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
 
 
 def register(sub) -> None:
