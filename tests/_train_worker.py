@@ -174,8 +174,20 @@ def toy_config(out_dir: str, *overrides: str) -> TrainConfig:
 def main(argv: list[str]) -> None:
     from pathvl.train.engine import train
 
+    fail_save = argv[0] == "--fail-save-on-rank0"  # rank 0's checkpoint write fails (a full disk)
+    if fail_save:
+        argv = argv[1:]
     out_dir = argv[0]
     rank = int(os.environ.get("RANK", "0"))
+    if fail_save and rank == 0:
+        import errno
+
+        import pathvl.train.engine as engine
+
+        def full_disk(*_a, **_k):
+            raise OSError(errno.ENOSPC, "No space left on device", str(out_dir))
+
+        engine.save_checkpoint = full_disk
     try:
         cfg = toy_config(out_dir, *argv[1:])
         result = train(cfg)
@@ -183,9 +195,11 @@ def main(argv: list[str]) -> None:
                    "checkpoint": str(result.checkpoint) if result.checkpoint else None}
         with open(os.path.join(out_dir, f"done-{rank}.json"), "w") as fh:
             json.dump(payload, fh)
-    except BaseException:
+    except BaseException as e:
         import traceback
 
+        with open(os.path.join(out_dir, f"error-{rank}.txt"), "w") as fh:
+            fh.write(f"{type(e).__name__}: {e}")
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)

@@ -251,20 +251,27 @@ DDP_TIMEOUT_S = 90.0
 
 
 @pytest.mark.slow
-def test_two_process_gloo_ddp_matches_one_process(tmp_path: Path) -> None:
-    out = tmp_path / "ddp"
+def _torchrun_toy(out: Path, *args: str) -> tuple[list[Path], list[Path], Path]:
+    """Two gloo processes of the toy worker; returns the ranks' done and error files and the log, having
+    waited until both ranks wrote one or the launcher exited, at most DDP_TIMEOUT_S."""
     out.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join([str(Path(toy.__file__).parent), env.get("PYTHONPATH", "")])
+    flags = [a for a in args if a.startswith("--")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           toy.__file__, str(out), "data.batch_size=2", "run.steps=4", "run.ckpt_every=2"]
+           toy.__file__, *flags, str(out), *[a for a in args if not a.startswith("--")]]
     log_path = out / "torchrun.log"
+    done = [out / f"done-{r}.json" for r in range(2)]
+    errors = [out / f"error-{r}.txt" for r in range(2)]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        done = [out / f"done-{r}.json" for r in range(2)]
         deadline = time.monotonic() + DDP_TIMEOUT_S
+
+        def finished() -> bool:
+            return all(d.exists() or e.exists() for d, e in zip(done, errors))
+
         try:
-            while not all(p.exists() for p in done) and proc.poll() in (None, 0) and time.monotonic() < deadline:
+            while not finished() and proc.poll() in (None, 0) and time.monotonic() < deadline:
                 time.sleep(0.2)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, min(10.0, deadline - time.monotonic())))
@@ -272,6 +279,27 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path: Path) -> None:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)  # our own launcher's process group only
                 proc.wait(timeout=10)
+    return done, errors, log_path
+
+
+def test_a_failed_checkpoint_write_on_rank0_stops_every_rank(tmp_path: Path) -> None:
+    """Rank 0's write fails after the space check (a full disk): rank 1 learns it at once and stops with one
+    line naming the cause, instead of sitting in the next all-reduce until the launcher kills it (torchrun)
+    or the process group times out (launchers that do not kill the group)."""
+    t0 = time.monotonic()
+    done, errors, log_path = _torchrun_toy(tmp_path / "ddp", "--fail-save-on-rank0", "data.batch_size=2",
+                                           "run.steps=4", "run.ckpt_every=2")
+    log = log_path.read_text()
+    assert all(e.exists() for e in errors) and not any(d.exists() for d in done), log[-4000:]
+    assert time.monotonic() - t0 < DDP_TIMEOUT_S
+    assert "No space left on device" in errors[0].read_text()
+    assert errors[1].read_text() == ("CheckpointWriteError: rank 0 could not write the checkpoint of step 2 "
+                                     f"([Errno 28] No space left on device: '{tmp_path / 'ddp'}'); this rank stops too")
+
+
+def test_two_process_gloo_ddp_matches_one_process(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    done, _, log_path = _torchrun_toy(out, "data.batch_size=2", "run.steps=4", "run.ckpt_every=2")
     if not all(p.exists() for p in done):
         pytest.fail(f"DDP run did not finish within {DDP_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
     results = [json.loads(p.read_text()) for p in done]

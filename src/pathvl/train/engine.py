@@ -682,6 +682,7 @@ def _save(
     ranks = _gather_objects({"rng": get_rng_state(), "data": stream.state_dict(),
                              "mfu": meter.state_dict() if meter is not None else None})
     if not dist_info.is_main:
+        _write_outcome(None, step)  # rank 0's write failing stops this rank too, instead of a hang
         return None
     trainer_state = {
         "step": step,
@@ -704,8 +705,37 @@ def _save(
     trained_on = _training_slides(cfg)
     if trained_on is not None:
         meta["training_data"] = trained_on
-    return save_checkpoint(run_dir, step, module.model, trainer_state, meta,
-                           keep_last=cfg.run.keep_last, save_frozen=cfg.run.save_frozen)
+    try:
+        path = save_checkpoint(run_dir, step, module.model, trainer_state, meta,
+                               keep_last=cfg.run.keep_last, save_frozen=cfg.run.save_frozen)
+    except BaseException as e:
+        _write_outcome(" ".join(str(e).split()) or type(e).__name__, step)
+        raise
+    _write_outcome("", step)
+    return path
+
+
+class CheckpointWriteError(UserError, RuntimeError):
+    """Rank 0 could not write a checkpoint; raised on the other ranks so that every process stops."""
+
+
+def _write_outcome(error: str | None, step: int) -> None:
+    """Rank 0 tells the other ranks whether its checkpoint write succeeded (``""``) or why it failed.
+
+    Without this, a write that fails on rank 0 after the space check (the disk filling meanwhile, a
+    permission change) leaves the other ranks in the next step's all-reduce: torchrun then kills them with
+    no word of why, and a launcher that does not (``srun`` without ``--kill-on-bad-exit``, ``mp.spawn``)
+    leaves them waiting until the process group times out (30 minutes by default). Other ranks pass
+    ``None`` and raise :class:`CheckpointWriteError`, naming rank 0's error, when it reports a failure. A
+    no-op in a single process.
+    """
+    if not is_dist_initialized():
+        return
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if error is None and box[0]:
+        raise CheckpointWriteError(f"rank 0 could not write the checkpoint of step {step} ({box[0]}); "
+                                   "this rank stops too")
 
 
 def _restore(
