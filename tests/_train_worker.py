@@ -182,12 +182,12 @@ def main(argv: list[str]) -> None:
     if fail_save and rank == 0:
         import errno
 
-        import pathvl.train.engine as engine
+        import pathvl.train.state as state
 
         def full_disk(*_a, **_k):
             raise OSError(errno.ENOSPC, "No space left on device", str(out_dir))
 
-        engine.save_checkpoint = full_disk
+        state.save_checkpoint = full_disk
     try:
         cfg = toy_config(out_dir, *argv[1:])
         result = train(cfg)

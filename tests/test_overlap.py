@@ -58,7 +58,7 @@ def test_no_overlap_no_config_or_a_moved_training_set_stays_quiet(tmp_path, caps
 def test_the_checkpoint_record_finds_the_overlap_after_the_training_data_moved(tmp_path, capsys):
     """The engine records the training slides in the checkpoint's meta; evaluation reads that record, so moving
     or deleting the training dataset after training does not turn training slides into "held-out" ones."""
-    from pathvl.train.engine import _training_slides
+    from pathvl.train.state import training_slides as _training_slides
 
     train = _dataset(tmp_path / "train", {"a": tmp_path / "s" / "a.svs", "b": tmp_path / "s" / "b.svs"})
     ev = _dataset(tmp_path / "eval", {"y": tmp_path / "s" / "b.svs", "c": tmp_path / "s" / "c.svs"})

@@ -16,9 +16,9 @@ named tensors, an iterable of batches, and a dict of loss modules each called as
 Each step's record (``metrics.jsonl``, the progress line) also carries its FLOPs, TFLOP/s and MFU, from
 a counted step (``run.mfu``; :class:`pathvl.train.throughput.MFUMeter`).
 
-Only rank 0 writes files. Resuming restores weights, optimizer, schedule, loss parameters, the RNG of
-every rank and the data position, so a resumed run repeats an uninterrupted one exactly (bitwise on a
-CPU).
+Only rank 0 writes files (checkpoints: :mod:`pathvl.train.state`). Resuming restores weights, optimizer,
+schedule, loss parameters, the RNG of every rank, the data position and the FLOP counts, so a resumed run
+repeats an uninterrupted one exactly (bitwise on a CPU).
 """
 
 from __future__ import annotations
@@ -44,35 +44,24 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pathvl import __version__
 from pathvl.config import (
     ConfigError,
     OptimConfig,
     TrainConfig,
-    config_hash,
-    config_to_dict,
-    resolve_paths,
     save_config,
 )
 from pathvl.data.checkpoint import (
-    check_checkpoint_space,
     check_family,
-    checkpoint_bytes_estimate,
-    get_rng_state,
     latest_checkpoint,
-    load_into,
-    load_model_weights,
-    load_trainer_state,
     read_meta,
-    save_checkpoint,
     set_rng_state,
 )
-from pathvl.data.manifest import slides_record
 from pathvl.dist import DistInfo, all_reduce_mean, barrier, init_distributed, is_dist_initialized
 from pathvl.errors import UserError
 from pathvl.families import get_family, load_config
 from pathvl.progress import tqdm
 from pathvl.train.schedule import WarmupCosine
+from pathvl.train.state import CheckpointWriteError, restore_run_state, save_run_state  # noqa: F401
 from pathvl.train.throughput import MFUMeter
 
 __all__ = [
@@ -377,15 +366,6 @@ def _active_losses(cfg: TrainConfig, built: Mapping[str, nn.Module]) -> dict[str
     return {name: built[name] for name in active}
 
 
-def _gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (a list of one in a single process)."""
-    if not is_dist_initialized():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 class _MetricsLog:
     """``metrics.jsonl`` on rank 0: appends; on resume first drops lines after the resumed step."""
 
@@ -557,7 +537,7 @@ def train(
              if cfg.run.mfu else None)
     start_step, rng = 0, None
     if ckpt is not None:
-        start_step, rng = _restore(ckpt, module, optimizer, schedule, stream, cfg, dist_info, meter)
+        start_step, rng = restore_run_state(ckpt, module, optimizer, schedule, stream, cfg, dist_info, meter)
         log.info("resumed %s at step %d", ckpt, start_step)
     if dist_info.is_main:  # everything fits: record what this run is
         save_config(cfg, run_dir / CONFIG_FILE)
@@ -624,7 +604,8 @@ def train(
                       file=sys.stderr)
             stop = stopper.requested(device)
             if (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or step == last_step or stop:
-                saved = _save(run_dir, step, module, optimizer, schedule, stream, cfg, dist_info, meter) or saved
+                saved = (save_run_state(run_dir, step, module, optimizer, schedule, stream, cfg, dist_info, meter)
+                         or saved)
             if stop:
                 name = signal.Signals(stopper.received).name if stopper.received else "a signal on another rank"
                 message = (f"stopped by {name} after step {step}: checkpoint {saved}; resume with "
@@ -649,133 +630,6 @@ def _explain(exc: NonFiniteLossError, saved: Path | None) -> NonFiniteLossError:
             else "no checkpoint had been written yet")
     message = f"{exc} (non-finite: {which}; {values}); training stopped and {keep}"
     return NonFiniteLossError(message, exc.step, exc.terms, exc.bad)
-
-
-def _training_slides(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The training dataset's resolved folder, slide ids and slide files, kept in the checkpoint's meta so that
-    evaluation can tell held-out slides from training slides after the training data has moved
-    (:mod:`pathvl.eval.overlap`); ``None`` when the dataset has no manifest (synthetic or in-memory data)."""
-    return slides_record(getattr(cfg.data, "dataset", ""))
-
-
-def _save(
-    run_dir: Path,
-    step: int,
-    module: TrainModule,
-    optimizer: torch.optim.Optimizer,
-    schedule: WarmupCosine,
-    stream: _BatchStream,
-    cfg: TrainConfig,
-    dist_info: DistInfo,
-    meter: MFUMeter | None = None,
-) -> Path | None:
-    """Checkpoint at ``step``: every rank hands in its RNG and data position; rank 0 writes.
-
-    Every rank first checks that the checkpoint fits (model and optimizer tensors), so that all stop
-    together with one clear line rather than rank 0 failing mid-write while the others wait; a write that
-    fails anyway removes its partial folder (:func:`~pathvl.data.checkpoint.save_checkpoint`).
-    """
-    need = checkpoint_bytes_estimate(module.model, {"optimizer": optimizer.state_dict(),
-                                                    "losses": module.losses.state_dict()},
-                                     save_frozen=cfg.run.save_frozen)
-    check_checkpoint_space(run_dir, step, need)
-    ranks = _gather_objects({"rng": get_rng_state(), "data": stream.state_dict(),
-                             "mfu": meter.state_dict() if meter is not None else None})
-    if not dist_info.is_main:
-        _write_outcome(None, step)  # rank 0's write failing stops this rank too, instead of a hang
-        return None
-    trainer_state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(),
-        "losses": module.losses.state_dict(),
-        "loss_names": list(module.losses),
-        "world_size": dist_info.world_size,
-        "ranks": ranks,
-    }
-    meta = {
-        "family": cfg.family,
-        "config_hash": config_hash(cfg),
-        "pathvl_version": __version__,
-        "torch_version": torch.__version__,
-        "world_size": dist_info.world_size,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": config_to_dict(resolve_paths(cfg)),
-    }
-    trained_on = _training_slides(cfg)
-    if trained_on is not None:
-        meta["training_data"] = trained_on
-    try:
-        path = save_checkpoint(run_dir, step, module.model, trainer_state, meta,
-                               keep_last=cfg.run.keep_last, save_frozen=cfg.run.save_frozen)
-    except BaseException as e:
-        _write_outcome(" ".join(str(e).split()) or type(e).__name__, step)
-        raise
-    _write_outcome("", step)
-    return path
-
-
-class CheckpointWriteError(UserError, RuntimeError):
-    """Rank 0 could not write a checkpoint; raised on the other ranks so that every process stops."""
-
-
-def _write_outcome(error: str | None, step: int) -> None:
-    """Rank 0 tells the other ranks whether its checkpoint write succeeded (``""``) or why it failed.
-
-    Without this, a write that fails on rank 0 after the space check (the disk filling meanwhile, a
-    permission change) leaves the other ranks in the next step's all-reduce: torchrun then kills them with
-    no word of why, and a launcher that does not (``srun`` without ``--kill-on-bad-exit``, ``mp.spawn``)
-    leaves them waiting until the process group times out (30 minutes by default). Other ranks pass
-    ``None`` and raise :class:`CheckpointWriteError`, naming rank 0's error, when it reports a failure. A
-    no-op in a single process.
-    """
-    if not is_dist_initialized():
-        return
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if error is None and box[0]:
-        raise CheckpointWriteError(f"rank 0 could not write the checkpoint of step {step} ({box[0]}); "
-                                   "this rank stops too")
-
-
-def _restore(
-    ckpt: Path,
-    module: TrainModule,
-    optimizer: torch.optim.Optimizer,
-    schedule: WarmupCosine,
-    stream: _BatchStream,
-    cfg: TrainConfig,
-    dist_info: DistInfo,
-    meter: MFUMeter | None = None,
-) -> tuple[int, dict[str, Any]]:
-    """Loads a checkpoint into the freshly built objects (``meter``: the FLOP counts and recount clock too);
-    returns the step and this rank's RNG state."""
-    state, meta = load_model_weights(ckpt, family=cfg.family)
-    load_into(module.model, state, meta["omitted"])
-    trainer = load_trainer_state(ckpt)
-    if list(trainer["loss_names"]) != list(module.losses):
-        raise ConfigError(
-            f"losses: the checkpoint trained {trainer['loss_names']}, this config has {list(module.losses)}; "
-            "resume with the same active terms"
-        )
-    module.losses.load_state_dict(trainer["losses"])
-    base_lrs = [group["base_lr"] for group in optimizer.param_groups]
-    try:
-        optimizer.load_state_dict(trainer["optimizer"])
-    except ValueError as exc:
-        raise ConfigError(f"the checkpoint's optimizer does not fit this model: {exc}") from None
-    for group, base_lr in zip(optimizer.param_groups, base_lrs):
-        group["base_lr"] = base_lr  # the learning rate comes from the current config
-    schedule.load_state_dict(trainer["schedule"])
-    ranks = trainer["ranks"]
-    if len(ranks) != dist_info.world_size:
-        log.warning("checkpoint from %d process(es), resuming on %d: data order and randomness will differ "
-                    "from an uninterrupted run", len(ranks), dist_info.world_size)
-    mine = ranks[dist_info.rank % len(ranks)]
-    stream.load_state_dict(mine["data"])
-    if meter is not None:
-        meter.load_state_dict(mine.get("mfu"))
-    return int(trainer["step"]), mine["rng"]
 
 
 def pretrain(
