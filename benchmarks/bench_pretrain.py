@@ -69,12 +69,12 @@ def make_dataset(root: Path, slides: int, bags: int, feature_dim: int, seed: int
 
 
 def count_flops(config: str, overrides: list[str]) -> float:
-    """FLOPs of one training step (forward + backward), counted by torch's FlopCounterMode."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """FLOPs of one training step (forward + backward), counted as the training log counts them
+    (:func:`pathvl.train.throughput.counted_flops`: FlopCounterMode, CPU flash attention included)."""
     from pathvl.dist import DistInfo
     from pathvl.families import get_family, load_config
+    from pathvl.train.engine import TrainModule
+    from pathvl.train.throughput import counted_flops
 
     cfg = load_config(config, overrides)
     fam = get_family(cfg.family)
@@ -82,14 +82,8 @@ def count_flops(config: str, overrides: list[str]) -> float:
     data = fam.build_data(cfg, dist)
     fam.complete_config(cfg, data)
     model = fam.model_from_config(cfg.model, list(cfg.active_losses))
-    losses = fam.build_losses(cfg, dist)
-    batch = next(iter(data))
-    with FlopCounterMode(display=False) as fc:
-        out = model(batch)
-        total = sum(w * losses[k](**out) for k, w in cfg.losses.items() if w > 0)
-        total.backward()
-    del torch
-    return float(fc.get_total_flops())
+    losses = {k: v for k, v in fam.build_losses(cfg, dist).items() if k in cfg.active_losses}
+    return counted_flops(TrainModule(model, losses), next(iter(data)), {k: float(cfg.losses[k]) for k in losses})
 
 
 def main(argv: list[str] | None = None) -> int:

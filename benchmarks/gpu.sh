@@ -37,9 +37,8 @@ timeout 180 $PY benchmarks/bench_embed.py --device cuda --encoder uni --slides 4
 log "2. MR-PLIP base step, bf16, MFU"
 PEAK=$($PY -c "
 import torch
-from pathvl.train.throughput import gpu_table_peak
-p = gpu_table_peak(torch.cuda.get_device_name(0), torch.bfloat16)
-print(p / 1e12 if p else 989.0)" 2>/dev/null || echo 989.0)
+from pathvl.train.throughput import matmul_peak_flops
+print(matmul_peak_flops('cuda', torch.bfloat16) / 1e12)" 2>/dev/null || echo 989.0)
 timeout 240 $PY benchmarks/bench_pretrain.py --config mrplip-base --feature-dim 1024 --batch-size 16 --steps 30 \
   --peak-tflops "$PEAK" --json "$OUT/pretrain.json" 2>&1 | tee -a "$OUT/gpu.log"
 

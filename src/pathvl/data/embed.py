@@ -10,9 +10,8 @@ run in the encoder's preferred precision (weights cast to it, autocast, channels
 decoded there too, by nvjpeg (``torchvision.io.decode_jpeg(device="cuda")``), so the workers only read
 bytes. On a CPU the workers also resize and normalise, so that this overlaps the model instead of running
 between its batches; how many workers (none on a small machine) is :func:`auto_workers`. The model can be
-compiled (``torch_compile``). Slides are
-sharded over ranks (``RANK``/``WORLD_SIZE`` or ``--shard``); a slide whose features are complete is
-skipped, so an interrupted job resumes where it stopped.
+compiled (``torch_compile``). Slides are sharded over ranks (``RANK``/``WORLD_SIZE`` or ``--shard``); a
+slide whose features are complete is skipped, so an interrupted job resumes where it stopped.
 
 Features are checked for finiteness before they are cached (a NaN or inf fails the slide, named). They
 are written into a new copy of the slide file that replaces the old one once complete and verified
@@ -76,8 +75,8 @@ def auto_workers(device: torch.device | str) -> int:
     On a CPU the model's intra-op threads already use every core, so a worker only helps when the machine
     has cores to spare: none up to 4 cores (on 2 cores, ViT-Ti end to end was a median 95% of model-only
     with none, 83% with one worker and 82% with two: benchmarks/RESULTS.md), else a quarter of the cores,
-    at most 8. On a GPU the input side must keep up
-    with a fast model: every core but one, at most :data:`MAX_AUTO_WORKERS`.
+    at most 8. On a GPU the input side must keep up with a fast model: every core but one, at most
+    :data:`MAX_AUTO_WORKERS`.
     """
     cores = _cores()
     if torch.device(device).type == "cuda":
@@ -253,17 +252,7 @@ def _device_jpeg_decode(choice: str, device: torch.device) -> bool:
     """Whether stored JPEGs are decoded by the consumer on ``device`` (``jpeg_decode`` of :func:`embed_dataset`)."""
     if choice not in ("auto", "host", "device"):
         raise DatasetError(f"jpeg_decode must be auto, host or device, got {choice!r}")
-    if choice == "host":
-        return False
-    if choice == "device":
-        return True
-    if device.type != "cuda":
-        return False
-    try:
-        from torchvision.io import decode_jpeg  # noqa: F401
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return False
-    return True
+    return choice == "device" or (choice == "auto" and device.type == "cuda")
 
 
 def embed_slide(ds: Dataset, slide_id: str, enc, name: str, *, batch_size: int, workers: int,
@@ -458,9 +447,8 @@ def embed_dataset(
     if workers is None:
         workers = auto_workers(device)
     device_decode = _device_jpeg_decode(jpeg_decode, device)
-    encode = None
-    if torch_compile:
-        encode = torch.compile(enc.encode, **({} if torch_compile is True else {"backend": str(torch_compile)}))
+    encode = (torch.compile(enc.encode, **({} if torch_compile is True else {"backend": str(torch_compile)}))
+              if torch_compile else enc.encode)
     prov = enc.provenance()
     sha = prov.get("weights_sha256") or "none"
     transform = json.dumps(prov.get("transform", {}), sort_keys=True)
