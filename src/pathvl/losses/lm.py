@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pathvl.losses.contrastive import zero_loss
 from pathvl.text.tokenize import IGNORE_INDEX, mask_tokens
 
-__all__ = ["IGNORE_INDEX", "LMLoss", "MLMLoss", "mask_tokens"]
+__all__ = ["IGNORE_INDEX", "LMLoss", "MLMLoss", "mask_tokens", "pack_next_token"]
 
+
+
+def pack_next_token(hidden: Tensor, ids: Tensor, mask: Tensor, head: nn.Module) -> dict[str, Tensor]:
+    """Next-token logits only where a token is predicted, packed for :class:`LMLoss`.
+
+    Projecting every position onto the vocabulary (``(n, L, V)``) costs the padding rows and, in the loss,
+    zero-filled gradients of the shift and the selection at full vocabulary width. Here ``head`` sees only
+    the T rows ``t`` whose token ``t + 1`` is real; ``lm_logits (1, T + 1, V)`` holds them then one
+    unscored row and ``lm_labels (1, T + 1)`` is -100 then the T tokens, so that LMLoss's shift pairs packed
+    row ``m`` with label ``m + 1``: the same loss as on the full logits.
+
+    Args:
+        hidden: ``(n, L, d)`` last hidden states of the text positions.
+        ids: ``(n, L)`` token ids; ``mask``: ``(n, L)``, 0 at padding.
+        head: The vocabulary projection, ``d -> V``.
+    """
+    target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)  # token t + 1, predicted at t
+    keep = target != IGNORE_INDEX  # (n, L - 1)
+    logits = head(hidden[:, :-1][keep])  # (T, V)
+    lm_logits = torch.cat([logits, logits.new_zeros(1, logits.shape[-1])])[None]
+    first = torch.full((1,), IGNORE_INDEX, dtype=torch.long, device=ids.device)
+    return {"lm_logits": lm_logits, "lm_labels": torch.cat([first, target[keep]])[None]}
 
 
 def _token_ce(logits: Tensor, labels: Tensor, label_smoothing: float) -> Tensor:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pathvl.losses.cvta import top_keywords
-from pathvl.losses.lm import IGNORE_INDEX
+from pathvl.losses.lm import IGNORE_INDEX, pack_next_token
 from pathvl.models.layers import MLP, FusionEncoder, PrefixLMDecoder, masked_mean
 from pathvl.models.text_backbone import RandomTextSpec, text_backbone
 
@@ -265,20 +265,10 @@ class MRPLIP(nn.Module):
         return {"mlm_logits": self.mlm_head(h[picked])[None], "mlm_labels": labels[picked][None]}
 
     def _plm(self, v: Tensor, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
-        """Prefix-LM logits only where a token is predicted, packed for :class:`~pathvl.losses.lm.LMLoss`.
-
-        Projecting every position onto the vocabulary (``(n, L, V)``, V = 30,522 for MiniLM's) was the
-        largest non-matmul cost of a CPU step: the padding rows, and the zero-filled gradients of the
-        loss's shift and selection at full vocabulary width. The loss (which shifts by one) is the same:
-        ``lm_logits (1, T + 1, V)`` holds the T predicting rows then one unscored row,
-        ``lm_labels (1, T + 1)`` is -100 then the T labels, so packed row ``m`` predicts label ``m + 1``.
-        """
-        h = self.decoder.hidden(v, ids, mask)  # (n, L, d)
-        target = ids[:, 1:].masked_fill(~mask[:, 1:].bool(), IGNORE_INDEX)  # token t + 1, predicted at t
-        keep = target != IGNORE_INDEX  # (n, L - 1)
-        rows = torch.cat([h[:, :-1][keep], h.new_zeros(1, h.shape[-1])])  # (T + 1, d): the last one is unscored
-        head = torch.full((1,), IGNORE_INDEX, dtype=torch.long, device=ids.device)
-        return {"lm_logits": self.decoder.head(rows)[None], "lm_labels": torch.cat([head, target[keep]])[None]}
+        """Prefix-LM logits only where a token is predicted (:func:`~pathvl.losses.lm.pack_next_token`):
+        projecting every position onto MiniLM's 30,522-word vocabulary was the largest non-matmul cost of a
+        CPU step."""
+        return pack_next_token(self.decoder.hidden(v, ids, mask), ids, mask, self.decoder.head)
 
     @torch.no_grad()
     def generate_captions(self, features: Tensor, max_new_tokens: int = 40) -> list[str]:

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pathvl.config import ConfigError
-from pathvl.losses.lm import IGNORE_INDEX
+from pathvl.losses.lm import IGNORE_INDEX, pack_next_token
 from pathvl.losses.matching import itm_pairs
 from pathvl.models.causal_lm import _DTYPES, check_lm_dir
 from pathvl.models.decoding import beam_search
@@ -453,14 +453,7 @@ class PathAlign(nn.Module):
         rows = self._subset(ids.shape[0], self.cfg.text_max, ids.device)
         ids, tmask = ids[rows], tmask[rows]
         h = self.qformer.decode_text(ids, tmask, [(k[rows], v[rows]) for k, v in cache])  # (n, L, d)
-        target = ids[:, 1:].masked_fill(tmask[:, 1:] == 0, IGNORE_INDEX)  # token t + 1, predicted at t
-        keep = target != IGNORE_INDEX  # (n, L - 1)
-        logits = self.lm_head(h[:, :-1][keep])  # (T, V): the vocabulary only where a token is predicted
-        # Packed for LMLoss (which shifts by one): row position m predicts label m + 1.
-        lm_logits = torch.cat([logits, logits.new_zeros(1, logits.shape[-1])])[None]  # (1, T + 1, V)
-        head = torch.full((1,), IGNORE_INDEX, dtype=torch.long, device=ids.device)
-        lm_labels = torch.cat([head, target[keep]])[None]  # (1, T + 1)
-        return {"lm_logits": lm_logits, "lm_labels": lm_labels}
+        return pack_next_token(h, ids, tmask, self.lm_head)  # the vocabulary only where a token is predicted
 
     # ---------------------------------------------------------------- stage 2: the LM
     def _lm_prefix(self, q: Tensor, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
