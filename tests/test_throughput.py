@@ -87,6 +87,9 @@ def test_mfu_arithmetic() -> None:
 
 
 def test_cpu_peak_is_measured_once_and_quickly() -> None:
+    from pathvl.train import throughput
+
+    throughput._measured_peak.cache_clear()  # earlier tests' training runs may have measured it already
     state = torch.get_rng_state()
     t0 = time.perf_counter()
     peak = matmul_peak_flops("cpu")
